@@ -1,0 +1,25 @@
+"""ringpack: exact context-parallel (ring) attention over packed variable-length sequences."""
+
+from ringpack.packing import (
+    cu_seqlens_to_lengths,
+    cu_seqlens_to_position_ids,
+    lengths_to_cu_seqlens,
+    position_ids_to_cu_seqlens,
+)
+from ringpack.plan import STRATEGIES, Plan, make_plan, shard, unshard
+from ringpack.ring import ring_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Plan",
+    "STRATEGIES",
+    "cu_seqlens_to_lengths",
+    "cu_seqlens_to_position_ids",
+    "lengths_to_cu_seqlens",
+    "make_plan",
+    "position_ids_to_cu_seqlens",
+    "ring_attention",
+    "shard",
+    "unshard",
+]

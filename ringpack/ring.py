@@ -1,0 +1,184 @@
+"""The ring scheduler: one loop for every strategy and backend, forward and backward.
+
+Legend: ``N`` local tokens, ``H``/``Hk`` query/KV heads, ``D`` head dim; ``kv_2NKD`` is k and v
+stacked into one buffer so that one message carries both (KV heads are never repeated).
+
+Forward, rank ``r``, step ``s`` (P steps)::
+
+    kv of rank (r - s) % P  -->  tiles of plan.steps[r][s]  -->  merge (out, lse) in fp32/fp64
+          \\-- meanwhile: send it to r + 1, receive the next from r - 1 (double buffer)
+
+Backward: kv travels the same way; the dk/dv of each block travel with it, each rank adding its
+contribution, and after P hops they are back with their owner. Each tile's gradient uses the
+final ``out`` and ``lse`` of the whole ring, so tiles are independent and exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from ringpack.backends import AttnSpec, Backend, select_backend
+from ringpack.comm import Ring
+from ringpack.merge import accumulation_dtype, merge_
+from ringpack.plan import Plan, validate_window
+
+
+def _forward(q_NHD, k_NKD, v_NKD, plan: Plan, ring: Ring, backend: Backend, scale: float, softcap: float):
+    rank, world = ring.rank, plan.world_size
+    acc = accumulation_dtype(q_NHD.dtype)
+    out_acc = torch.zeros(q_NHD.shape, dtype=acc, device=q_NHD.device)
+    lse_acc = torch.full((q_NHD.shape[1], q_NHD.shape[0]), float("-inf"), dtype=acc, device=q_NHD.device)
+    kv_2NKD = torch.stack((k_NKD, v_NKD))
+    for s, step in enumerate(plan.steps[rank]):
+        pending = None
+        if s + 1 < world:
+            nxt = plan.num_tokens[(rank - s - 1) % world]
+            pending = ring.exchange(kv_2NKD, (2, nxt, *k_NKD.shape[1:]), kv_2NKD.dtype, kv_2NKD.device)
+        for wave in step.waves:
+            out, lse = backend.fwd(q_NHD, kv_2NKD[0], kv_2NKD[1], wave, scale=scale, softcap=softcap)
+            a, b = wave.q_span
+            merge_(out_acc[a:b], lse_acc[:, a:b], out, lse)
+        if pending is not None:
+            kv_2NKD = pending.wait()
+    return out_acc.to(q_NHD.dtype), lse_acc
+
+
+def _backward(dout_NHD, dlse_HN, q_NHD, k_NKD, v_NKD, out_NHD, lse_HN, plan: Plan, ring: Ring,
+              backend: Backend, scale: float, softcap: float):
+    rank, world = ring.rank, plan.world_size
+    acc = accumulation_dtype(q_NHD.dtype)
+    kv_shape = k_NKD.shape[1:]
+    dq_acc = torch.zeros(q_NHD.shape, dtype=acc, device=q_NHD.device)
+    kv_2NKD = torch.stack((k_NKD, v_NKD))
+    pending_dkv = None
+    dkv = None
+    for s, step in enumerate(plan.steps[rank]):
+        pending_kv = None
+        if s + 1 < world:
+            nxt = plan.num_tokens[(rank - s - 1) % world]
+            pending_kv = ring.exchange(kv_2NKD, (2, nxt, *kv_shape), kv_2NKD.dtype, kv_2NKD.device)
+        dkv = torch.zeros((2, plan.num_tokens[step.source], *kv_shape), dtype=acc, device=q_NHD.device)
+        for wave in step.waves:
+            dq, dk, dv = backend.bwd(dout_NHD, q_NHD, kv_2NKD[0], kv_2NKD[1], out_NHD, lse_HN, dlse_HN, wave,
+                                     scale=scale, softcap=softcap)
+            (q0, q1), (k0, k1) = wave.q_span, wave.k_span
+            dq_acc[q0:q1] += dq
+            dkv[0, k0:k1] += dk
+            dkv[1, k0:k1] += dv
+        if pending_dkv is not None:
+            dkv += pending_dkv.wait()  # what the ranks before us added for this block
+        if world > 1:
+            nxt = plan.num_tokens[(rank - s - 1) % world]
+            pending_dkv = ring.exchange(dkv, (2, nxt, *kv_shape), acc, q_NHD.device)
+        if pending_kv is not None:
+            kv_2NKD = pending_kv.wait()
+    if pending_dkv is not None:
+        dkv = pending_dkv.wait()  # our own block, back after a full turn
+    return dq_acc.to(q_NHD.dtype), dkv[0].to(k_NKD.dtype), dkv[1].to(v_NKD.dtype)
+
+
+class RingAttention(torch.autograd.Function):
+    """Differentiable ring attention over the ranks of ``ring``; returns ``(out, lse)``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, ring, backend, scale, softcap, lse_grad):
+        out, lse = _forward(q, k, v, plan, ring, backend, scale, softcap)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (plan, ring, backend, scale, softcap, lse_grad)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, ring, backend, scale, softcap, lse_grad = ctx.args
+        dq, dk, dv = _backward(dout, dlse if lse_grad else None, q, k, v, out, lse, plan, ring, backend,
+                               scale, softcap)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *,
+                   group: dist.ProcessGroup | None = None, causal: bool = True,
+                   window_size: tuple[int, int] = (-1, -1), softmax_scale: float | None = None,
+                   softcap: float = 0.0, return_lse: bool = False, backend: str = "auto",
+                   dropout_p: float = 0.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention over a packed batch whose tokens are sharded across ``group`` by ``plan``.
+
+    Args:
+        q: ``[N, H, D]`` this rank's queries, ``N = plan.num_tokens[rank]``, in the plan's local order
+            (``ringpack.shard``).
+        k, v: ``[N, Hk, D]`` with ``H % Hk == 0`` (grouped-query / multi-query attention).
+        plan: from ``make_plan`` with the same ``causal`` and ``window_size``; its ``world_size`` must be
+            the size of ``group``.
+        group: the context-parallel process group; ``None`` is the default group.
+        causal, window_size: the mask, per document, in positions counted from each document's start
+            (``window_size=(left, right)``, ``-1`` unbounded). Query ``i`` sees key ``j`` of its own
+            document iff ``causal => j <= i`` and ``i - left <= j <= i + right``::
+
+                causal, window (2, -1)     j: 0 1 2 3 4
+                                        i=0   x . . . .
+                                        i=1   x x . . .
+                                        i=2   x x x . .
+                                        i=3   . x x x .
+                                        i=4   . . x x x
+
+        softmax_scale: defaults to ``1 / sqrt(D)``.
+        softcap: if > 0, scores become ``softcap * tanh(scores / softcap)`` before the softmax.
+        return_lse: also return the log-sum-exp ``[H, N]`` (fp32; fp64 for fp64 inputs), differentiable.
+        backend: ``"auto"`` or a name in ``ringpack.backends.BACKENDS``.
+        dropout_p: must be 0.0; ringpack computes exact attention and has no attention dropout.
+
+    Returns:
+        ``out`` ``[N, H, D]`` in the dtype of ``q``, or ``(out, lse)`` with ``return_lse``.
+    """
+    ring = _validate(q, k, v, plan, group, causal, window_size, softmax_scale, softcap, dropout_p)
+    head_dim = q.shape[-1]
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+    lse_grad = bool(return_lse)
+    spec = AttnSpec(device_type=q.device.type, dtype=q.dtype, head_dim=head_dim, num_heads=q.shape[1],
+                    num_kv_heads=k.shape[1], causal=plan.causal, window=plan.window_size != (-1, -1),
+                    softcap=softcap > 0, lse_grad=lse_grad)
+    impl = select_backend(backend, spec)
+    out, lse = RingAttention.apply(q, k, v, plan, ring, impl, scale, float(softcap), lse_grad)
+    return (out, lse) if return_lse else out
+
+
+def _validate(q, k, v, plan, group, causal, window_size, softmax_scale, softcap, dropout_p) -> Ring:
+    if not isinstance(plan, Plan):
+        raise ValueError(f"plan must be a ringpack.Plan from make_plan, got {type(plan).__name__}")
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p={dropout_p} is not supported: ringpack computes exact attention; "
+                         "use dropout_p=0.0")
+    if bool(causal) != plan.causal or validate_window(window_size) != plan.window_size:
+        raise ValueError(f"causal={causal}, window_size={tuple(window_size)} do not match the plan "
+                         f"(causal={plan.causal}, window_size={plan.window_size}); make the plan with the same mask")
+    if softcap < 0:
+        raise ValueError(f"softcap must be >= 0 (0 disables it), got {softcap}")
+    if softmax_scale is not None and not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be a positive finite number or None, got {softmax_scale}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be a 3-D tensor [tokens, heads, head_dim], got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise ValueError(f"q, k, v must share one floating-point dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [tokens, kv_heads, head_dim], got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same head_dim, got {q.shape[-1]} and {k.shape[-1]}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
+    ring = Ring(group)
+    if ring.size != plan.world_size:
+        where = "the process group" if dist.is_initialized() else "torch.distributed is not initialized, so 1 rank"
+        raise ValueError(f"plan.world_size={plan.world_size} but {where} has {ring.size} ranks")
+    n_local = plan.num_tokens[ring.rank]
+    if q.shape[0] != n_local or k.shape[0] != n_local:
+        raise ValueError(f"rank {ring.rank} holds {n_local} tokens in the plan, but q has {q.shape[0]} and "
+                         f"k has {k.shape[0]}; pass ringpack.shard(x, plan, rank)")
+    return ring
