@@ -130,6 +130,17 @@ class Plan:
             out.append(tuple((a, n) for a, n in runs))
         return tuple(out)
 
+    @functools.cached_property
+    def send_tokens(self) -> tuple[tuple[int, ...], ...]:
+        """KV tokens each rank sends at each forward step (``[rank][step]``); the last step sends none.
+
+        Bytes on the wire are ``tokens * 2 * Hk * D * itemsize``; the backward sends the same KV and,
+        at every step, the fp32 dK/dV of the block just used.
+        """
+        world = self.world_size
+        return tuple(tuple(self.num_tokens[(r - s) % world] if s + 1 < world else 0 for s in range(world))
+                     for r in range(world))
+
     def work(self, rank: int) -> int:
         """Visible (query, key) pairs this rank computes over all steps."""
         return sum(t.pairs for step in self.steps[rank] for t in step.tiles)
