@@ -1,0 +1,155 @@
+"""Plan invariants, checked by brute force against the mask rule of DESIGN.md.
+
+These catch: a token owned twice or not at all; a visible (query, key) pair computed twice (double
+counted in the merge) or never (missing from the softmax); a band mis-shifted at a document offset;
+a scheduled tile with nothing visible (a wasted kernel call); waves whose tiles share query rows.
+All comparisons are exact integer counts, so there is no tolerance.
+"""
+
+from collections import Counter
+
+import pytest
+import torch
+
+import ringpack
+from ringpack.plan import band_pairs
+
+MIXES = {
+    "zero-one-primes": (0, 1, 2, 3, 5, 7, 0, 11, 13, 17),
+    "one-long": (127, 3, 1, 5),
+    "many-tiny": (2,) * 30 + (1,) * 5,
+    "one-prime-doc": (61,),
+    "fewer-tokens-than-chunks": (1, 0, 2),
+    "empty": (),
+    "all-empty": (0, 0),
+}
+MASKS = [(True, (-1, -1)), (False, (-1, -1)), (True, (4, -1)), (False, (4, -1)), (True, (3, 2)), (False, (5, 2)),
+         (False, (0, 0)), (True, (0, -1))]
+
+
+def _visible_pairs(cu, causal, window):
+    """Every visible (query, key) pair of the global pack, straight from the rule."""
+    left, right = window
+    pairs = set()
+    for start, stop in zip(cu[:-1], cu[1:]):
+        for i in range(stop - start):
+            for j in range(stop - start):
+                if causal and j > i:
+                    continue
+                if left >= 0 and j < i - left:
+                    continue
+                if right >= 0 and j > i + right:
+                    continue
+                pairs.add((start + i, start + j))
+    return pairs
+
+
+def _global_index(plan, rank):
+    return [t for a, n in plan.ranges[rank] for t in range(a, a + n)]
+
+
+@pytest.mark.parametrize("mix", sorted(MIXES))
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("strategy", ringpack.STRATEGIES)
+def test_every_token_once_and_every_visible_pair_once(mix, world, strategy):
+    cu = ringpack.lengths_to_cu_seqlens(MIXES[mix]).tolist()
+    for causal, window in MASKS:
+        plan = ringpack.make_plan(cu, world, strategy=strategy, causal=causal, window_size=window)
+        owned = Counter(t for r in range(world) for t in _global_index(plan, r))
+        assert sorted(owned) == list(range(cu[-1])) and set(owned.values()) <= {1}
+        computed = Counter()
+        for r in range(world):
+            q_index = _global_index(plan, r)
+            for s, step in enumerate(plan.steps[r]):
+                assert step.source == (r - s) % world
+                k_index = _global_index(plan, step.source)
+                for wave in step.waves:
+                    rows = [x for t in wave.tiles for x in range(t.q_start, t.q_start + t.q_len)]
+                    assert len(rows) == len(set(rows)), "tiles of one wave share query rows"
+                    for t in wave.tiles:
+                        tile_pairs = [(q_index[t.q_start + a], k_index[t.k_start + b])
+                                      for a in range(t.q_len) for b in range(t.k_len) if t.lo <= b - a <= t.hi]
+                        assert len(tile_pairs) == t.pairs > 0, "tile pair count wrong or tile has nothing visible"
+                        computed.update(tile_pairs)
+        assert set(computed.values()) <= {1}, "a visible pair is computed more than once"
+        assert set(computed) == _visible_pairs(cu, causal, window)
+        assert sum(plan.work(r) for r in range(world)) == len(computed)
+
+
+def test_band_pairs_matches_brute_force():
+    inf = float("inf")
+    for q_len in range(0, 6):
+        for k_len in range(0, 6):
+            for lo in (-inf, -7, -3, -1, 0, 2, 5):
+                for hi in (-4, -1, 0, 1, 3, 8, inf):
+                    brute = sum(1 for a in range(q_len) for b in range(k_len) if lo <= b - a <= hi)
+                    assert band_pairs(q_len, k_len, lo, hi) == brute, (q_len, k_len, lo, hi)
+
+
+@pytest.mark.parametrize("strategy", ringpack.STRATEGIES)
+def test_shard_unshard_round_trip_and_local_layout(strategy):
+    cu = ringpack.lengths_to_cu_seqlens(MIXES["zero-one-primes"])
+    x = torch.randn(int(cu[-1]), 3, 2)
+    for world in (1, 2, 3, 5):
+        plan = ringpack.make_plan(cu, world, strategy=strategy)
+        parts = [ringpack.shard(x, plan, r) for r in range(world)]
+        assert [p.shape[0] for p in parts] == list(plan.num_tokens)
+        assert torch.equal(ringpack.unshard(parts, plan), x)
+        positions = ringpack.cu_seqlens_to_position_ids(cu)
+        for r in range(world):
+            assert torch.equal(plan.position_ids(r), ringpack.shard(positions, plan, r))
+            assert plan.local_cu_seqlens(r)[-1] == plan.num_tokens[r]
+
+
+def test_zigzag_cuts_every_document_into_two_world_chunks_without_padding():
+    """Zigzag: rank r owns chunks r and 2P-1-r of every document, whatever its length."""
+    plan = ringpack.make_plan([0, 10, 13], 2, strategy="zigzag")
+    # doc 0 (10 tokens): chunks [0,2) [2,5) [5,7) [7,10); doc 1 (3 tokens): chunks [10,10) [10,11) [11,12) [12,13)
+    assert plan.ranges[0] == ((0, 2), (7, 3), (12, 1))
+    assert plan.ranges[1] == ((2, 5), (10, 2))
+
+
+def test_contiguous_cuts_near_equal_token_ranges():
+    plan = ringpack.make_plan([0, 3, 10, 11], 3, strategy="contiguous")
+    assert plan.ranges == (((0, 3),), ((3, 4),), ((7, 4),))
+
+
+def test_plan_is_deterministic_and_frozen():
+    a = ringpack.make_plan([0, 5, 90, 91], 3)
+    b = ringpack.make_plan(torch.tensor([0, 5, 90, 91], dtype=torch.int32), 3)
+    assert a == b
+    with pytest.raises(AttributeError):
+        a.world_size = 2
+
+
+@pytest.mark.parametrize("cu, message", [
+    (torch.tensor([0.0, 3.0]), "integer"),
+    ([0, 2.5], "integers"),
+    (torch.tensor([[0, 3]]), "1-D"),
+    ([1, 4], "start at 0"),
+    ([0, 5, 3], "non-decreasing"),
+    ([], "at least one"),
+])
+def test_bad_cu_seqlens_raise_value_error(cu, message):
+    with pytest.raises(ValueError, match=message):
+        ringpack.make_plan(cu, 2)
+
+
+def test_bad_plan_arguments_raise_value_error():
+    with pytest.raises(ValueError, match="world_size"):
+        ringpack.make_plan([0, 4], 0)
+    with pytest.raises(ValueError, match="unknown strategy 'ring'; supported: balanced, zigzag, contiguous"):
+        ringpack.make_plan([0, 4], 2, strategy="ring")
+    with pytest.raises(ValueError, match="window_size left must be an integer >= -1"):
+        ringpack.make_plan([0, 4], 2, window_size=(-2, 0))
+    with pytest.raises(ValueError, match="window_size must be a pair"):
+        ringpack.make_plan([0, 4], 2, window_size=(3,))
+    plan = ringpack.make_plan([0, 4], 2)
+    with pytest.raises(ValueError, match=r"rank must be an integer in \[0, 2\)"):
+        ringpack.shard(torch.zeros(4), plan, 2)
+    with pytest.raises(ValueError, match="tensor has 5 tokens along dim 0, the plan has 4"):
+        ringpack.shard(torch.zeros(5), plan, 0)
+    with pytest.raises(ValueError, match="got 1 parts"):
+        ringpack.unshard([torch.zeros(2)], plan)
+    with pytest.raises(ValueError, match="part 1 has 3 tokens"):
+        ringpack.unshard([torch.zeros(2), torch.zeros(3)], plan)

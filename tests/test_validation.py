@@ -1,0 +1,66 @@
+"""Bad input to ring_attention raises a ValueError naming the problem and what is allowed.
+
+Catches silent acceptance of requests ringpack cannot honour exactly (dropout, a mask other than the
+plan's, mismatched shapes or dtypes, a plan for another world size), which would give wrong math.
+"""
+
+import pytest
+import torch
+
+import ringpack
+
+
+def _inputs(n=6, h=4, hk=2, d=8, dtype=torch.float64):
+    return torch.randn(n, h, d, dtype=dtype), torch.randn(n, hk, d, dtype=dtype), torch.randn(n, hk, d, dtype=dtype)
+
+
+PLAN = ringpack.make_plan([0, 4, 6], 1)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda q, k, v: (q, k[:, :1].expand(6, 3, 8).contiguous(), v[:, :1].expand(6, 3, 8).contiguous()),
+     r"query heads \(4\) must be a multiple of kv heads \(3\)"),
+    (lambda q, k, v: (q, k.float(), v), "must share one floating-point dtype"),
+    (lambda q, k, v: (q.int(), k.int(), v.int()), "must share one floating-point dtype"),
+    (lambda q, k, v: (q, k[..., :4], v[..., :4]), "same head_dim"),
+    (lambda q, k, v: (q, k, v[:, :1]), "k and v must have the same shape"),
+    (lambda q, k, v: (q[:5], k[:5], v[:5]), "holds 6 tokens in the plan, but q has 5"),
+    (lambda q, k, v: (q[0], k, v), "q must be a 3-D tensor"),
+])
+def test_bad_tensors(change, message):
+    q, k, v = change(*_inputs())
+    with pytest.raises(ValueError, match=message):
+        ringpack.ring_attention(q, k, v, PLAN)
+
+
+def test_bad_options():
+    q, k, v = _inputs()
+    with pytest.raises(ValueError, match="dropout_p=0.1 is not supported"):
+        ringpack.ring_attention(q, k, v, PLAN, dropout_p=0.1)
+    with pytest.raises(ValueError, match="do not match the plan"):
+        ringpack.ring_attention(q, k, v, PLAN, causal=False)
+    with pytest.raises(ValueError, match="do not match the plan"):
+        ringpack.ring_attention(q, k, v, PLAN, window_size=(4, -1))
+    with pytest.raises(ValueError, match="unknown backend 'nope'; supported: auto, reference"):
+        ringpack.ring_attention(q, k, v, PLAN, backend="nope")
+    with pytest.raises(ValueError, match="softcap must be >= 0"):
+        ringpack.ring_attention(q, k, v, PLAN, softcap=-1.0)
+    with pytest.raises(ValueError, match="softmax_scale must be a positive finite number"):
+        ringpack.ring_attention(q, k, v, PLAN, softmax_scale=float("nan"))
+    with pytest.raises(ValueError, match="plan must be a ringpack.Plan"):
+        ringpack.ring_attention(q, k, v, {"world_size": 1})
+
+
+def test_plan_world_size_must_match_group():
+    q, k, v = _inputs()
+    plan = ringpack.make_plan([0, 4, 6], 2)
+    with pytest.raises(ValueError, match="plan.world_size=2 but torch.distributed is not initialized, so 1 rank"):
+        ringpack.ring_attention(q[:3], k[:3], v[:3], plan)
+
+
+def test_world_one_without_process_group_runs_and_is_differentiable():
+    q, k, v = (t.requires_grad_() for t in _inputs())
+    out, lse = ringpack.ring_attention(q, k, v, PLAN, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (4, 6) and lse.dtype == torch.float64
+    (out.sum() + lse.sum()).backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape
