@@ -1,9 +1,12 @@
-"""Ring neighbours and point-to-point exchange over a process group. Knows nothing of attention.
+"""Point-to-point exchange over a process group, in ring shifts. Knows nothing of attention.
 
-Every exchange sends one buffer to the next rank and receives one from the previous rank. Both
-ends know every size from the plan, so receive buffers are allocated without a size handshake, and
-empty buffers are skipped on both ends. Exchanges are posted in the same order on every rank, which
-is all that point-to-point matching (NCCL and gloo alike) needs.
+A shift by ``s`` sends one buffer to rank ``r + s`` and receives one from rank ``r - s``. Both ends
+know every size from the plan, so receive buffers are allocated without a size handshake, and empty
+buffers are skipped on both ends. Every rank posts its shifts in the same order, which is all that
+point-to-point matching (NCCL and gloo alike) needs.
+
+With NCCL, the first point-to-point call on a group must include every rank unless the group's
+communicator already exists (any earlier collective, or ``init_process_group(device_id=...)``).
 """
 
 from __future__ import annotations
@@ -16,13 +19,13 @@ import torch.distributed as dist
 
 @dataclass
 class Pending:
-    """An exchange in flight: ``wait()`` returns the received buffer (None when nothing was received)."""
+    """An exchange in flight: ``wait()`` returns the received buffer (empty when nothing was due)."""
 
     works: list
-    recv: torch.Tensor | None
+    recv: torch.Tensor
     send: torch.Tensor | None  # kept alive until the exchange completes
 
-    def wait(self) -> torch.Tensor | None:
+    def wait(self) -> torch.Tensor:
         for w in self.works:
             w.wait()
         self.works, self.send = [], None
@@ -30,7 +33,7 @@ class Pending:
 
 
 class Ring:
-    """The ring of a process group: rank ``r`` sends to ``r + 1`` and receives from ``r - 1``."""
+    """The ranks of a process group in ring order; ``shift`` exchanges with the ranks ``s`` ahead and behind."""
 
     def __init__(self, group: dist.ProcessGroup | None = None):
         self.group = group
@@ -39,14 +42,12 @@ class Ring:
             self.size = dist.get_world_size(group)
         else:
             self.rank, self.size = 0, 1
-        self.next = self._global((self.rank + 1) % self.size)
-        self.prev = self._global((self.rank - 1) % self.size)
 
     @classmethod
     def local(cls) -> Ring:
         """A one-rank ring that never communicates: runs a ``world_size=1`` plan inside any job."""
         ring = cls.__new__(cls)
-        ring.group, ring.rank, ring.size, ring.next, ring.prev = None, 0, 1, 0, 0
+        ring.group, ring.rank, ring.size = None, 0, 1
         return ring
 
     def _global(self, group_rank: int) -> int:
@@ -54,17 +55,16 @@ class Ring:
             return group_rank
         return dist.get_global_rank(self.group, group_rank)
 
-    def exchange(self, send: torch.Tensor | None, recv_shape: tuple[int, ...], dtype: torch.dtype,
-                 device: torch.device) -> Pending:
-        """Start sending ``send`` to the next rank and receiving a ``recv_shape`` buffer from the previous one."""
+    def shift(self, send: torch.Tensor | None, shift: int, recv_shape: tuple[int, ...], dtype: torch.dtype,
+              device: torch.device) -> Pending:
+        """Start sending ``send`` to rank ``r + shift`` and receiving a ``recv_shape`` buffer from ``r - shift``."""
         ops = []
-        recv = None
-        if send is not None and send.numel():
-            ops.append(dist.P2POp(dist.isend, send.contiguous(), self.next, self.group))
-        if recv_shape and torch.Size(recv_shape).numel():
-            recv = torch.empty(recv_shape, dtype=dtype, device=device)
-            ops.append(dist.P2POp(dist.irecv, recv, self.prev, self.group))
-        elif recv_shape:
-            recv = torch.empty(recv_shape, dtype=dtype, device=device)
+        recv = torch.empty(recv_shape, dtype=dtype, device=device)
+        send = send.contiguous() if send is not None and send.numel() else None
+        if send is not None:
+            ops.append(dist.P2POp(dist.isend, send, self._global((self.rank + shift) % self.size),
+                                  self.group))
+        if recv.numel():
+            ops.append(dist.P2POp(dist.irecv, recv, self._global((self.rank - shift) % self.size), self.group))
         works = dist.batch_isend_irecv(ops) if ops else []
         return Pending(works, recv, send)

@@ -4,9 +4,12 @@ Legend: ``T`` tokens in the global pack, ``N`` tokens on one rank, ``P`` ranks (
 A *segment* is a contiguous run of one document owned by one rank. A *tile* pairs a query
 segment of rank ``r`` with a key segment of the same document held by the rank whose KV
 reaches ``r`` at that step. Within a tile, query row ``a`` sees key row ``b`` iff
-``lo <= b - a <= hi`` (a diagonal band; the whole mask rule of a document lives in ``_band``).
+``lo <= b - a <= hi`` (a diagonal band from ``mask.band``). Tiles are trimmed to the rows and
+keys that see something, so a window or a causal edge never costs a kernel block of nothing.
 
-Ring step ``s`` on rank ``r`` uses the KV of rank ``(r - s) % P``::
+Step ``s`` on rank ``r`` uses the KV of rank ``(r - s) % P``, and only the rows its tiles read:
+the source sends exactly those (``Step.recv_runs``) straight to ``r``. A step whose tiles are empty
+moves nothing and computes nothing, so a window or whole-document placement shrinks the ring::
 
     zigzag, P = 2, one causal document cut into chunks c0 c1 c2 c3:
       rank 0 owns c0 c3, rank 1 owns c1 c2
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ringpack import partition
+from ringpack.mask import band, band_pairs
 
 STRATEGIES = ("balanced", "zigzag", "contiguous")
 
@@ -74,7 +78,12 @@ class Step:
     """What one rank does at one ring step."""
 
     source: int  # rank whose KV is used
-    waves: tuple[Wave, ...]
+    waves: tuple[Wave, ...]  # at step 0 key rows index the local shard; later, the received buffer
+    recv_runs: tuple[tuple[int, int], ...] = ()  # (row, length) runs of the source's shard received, in order
+
+    @property
+    def recv_tokens(self) -> int:
+        return sum(n for _, n in self.recv_runs)
 
     @property
     def tiles(self) -> tuple[Tile, ...]:
@@ -130,16 +139,28 @@ class Plan:
             out.append(tuple((a, n) for a, n in runs))
         return tuple(out)
 
+    def send_runs(self, rank: int, step: int) -> tuple[tuple[int, int], ...]:
+        """Rows of ``rank``'s shard it sends at ``step`` (to rank ``rank + step``); empty at step 0."""
+        if step == 0:
+            return ()
+        return self.steps[(rank + step) % self.world_size][step].recv_runs
+
     @functools.cached_property
     def send_tokens(self) -> tuple[tuple[int, ...], ...]:
-        """KV tokens each rank sends at each forward step (``[rank][step]``); the last step sends none.
+        """KV tokens each rank sends at each forward step (``[rank][step]``; step 0 is local and sends none).
 
-        Bytes on the wire are ``tokens * 2 * Hk * D * itemsize``; the backward sends the same KV and,
-        at every step, the fp32 dK/dV of the block just used.
+        Bytes on the wire are ``tokens * 2 * Hk * D * itemsize``; the backward sends the same KV and
+        returns the fp32 dK/dV of the same rows to their owner.
         """
-        world = self.world_size
-        return tuple(tuple(self.num_tokens[(r - s) % world] if s + 1 < world else 0 for s in range(world))
-                     for r in range(world))
+        return tuple(tuple(sum(n for _, n in self.send_runs(r, s)) for s in range(self.world_size))
+                     for r in range(self.world_size))
+
+    def tiles_per_step(self, rank: int) -> tuple[int, ...]:
+        return tuple(len(step.tiles) for step in self.steps[rank])
+
+    def cost(self, rank: int, cost_model: partition.CostModel = partition.COST) -> int:
+        """Estimated work of ``rank``: visible pairs plus a fixed overhead per tile."""
+        return self.work(rank) + cost_model.tile_overhead * sum(self.tiles_per_step(rank))
 
     def work(self, rank: int) -> int:
         """Visible (query, key) pairs this rank computes over all steps."""
@@ -174,8 +195,15 @@ def make_plan(cu_seqlens: Sequence[int] | torch.Tensor, world_size: int, *, stra
     runs = partition.split(strategy, cu, world_size, causal=causal, window=window)
     segments = tuple(_segments(cu, rank_runs) for rank_runs in runs)
     by_doc = [_index_by_doc(segs) for segs in segments]
+    holders: dict[int, int] = {}
+    for segs in by_doc:
+        for doc in segs:
+            holders[doc] = holders.get(doc, 0) + 1
+    # Only documents held by several ranks have tiles after step 0.
+    shared = [tuple(sg for sg in segs if holders[sg.doc] > 1) for segs in segments]
     steps = tuple(
-        tuple(_step(segments[r], by_doc[(r - s) % world_size], (r - s) % world_size, causal, window)
+        tuple(_step(segments[r] if s == 0 else shared[r], by_doc[(r - s) % world_size], (r - s) % world_size,
+                    causal, window, compact=s > 0)
               for s in range(world_size))
         for r in range(world_size))
     return Plan(cu_seqlens=cu, world_size=world_size, strategy=strategy, causal=causal, window_size=window,
@@ -223,43 +251,6 @@ def validate_window(window_size: Sequence[int]) -> tuple[int, int]:
     return (left, right)
 
 
-def band(q_offset: int, k_offset: int, causal: bool, window: tuple[int, int]) -> tuple[float, float]:
-    """The visibility band of ``b - a`` for query rows at ``q_offset`` and keys at ``k_offset`` of one document.
-
-    Key position ``j`` is visible to query position ``i`` iff ``causal => j <= i`` and
-    ``i - left <= j <= i + right`` (``-1`` unbounded). With ``i = q_offset + a`` and
-    ``j = k_offset + b`` this is ``lo <= b - a <= hi``.
-    """
-    delta = q_offset - k_offset
-    left, right = window
-    hi = float("inf")
-    if causal:
-        hi = delta
-    if right >= 0:
-        hi = min(hi, delta + right)
-    lo = delta - left if left >= 0 else float("-inf")
-    return lo, hi
-
-
-def band_pairs(q_len: int, k_len: int, lo: float, hi: float) -> int:
-    """Number of (a, b) in ``[0, q_len) x [0, k_len)`` with ``lo <= b - a <= hi``, in O(1)."""
-    if q_len <= 0 or k_len <= 0 or lo > hi:
-        return 0
-
-    def below(c: float) -> int:  # pairs with b - a < c, i.e. sum over a of clamp(a + c, 0, k_len)
-        if c == float("-inf"):
-            return 0
-        if c == float("inf"):
-            return q_len * k_len
-        c = int(c)
-        first = min(max(1 - c, 0), q_len)  # from here on a + c >= 1
-        last = min(max(k_len - c, 0), q_len)  # from here on a + c >= k_len (last >= first as k_len >= 1)
-        middle = (last - first) * c + (first + last - 1) * (last - first) // 2
-        return middle + (q_len - last) * k_len
-
-    return below(hi + 1) - below(lo)
-
-
 def _segments(cu: tuple[int, ...], runs: Sequence[tuple[int, int]]) -> tuple[Segment, ...]:
     """Cut a rank's global token runs at document boundaries; merge pieces that touch."""
     segs: list[Segment] = []
@@ -287,31 +278,69 @@ def _index_by_doc(segs: tuple[Segment, ...]) -> dict[int, list[Segment]]:
 
 
 def _step(q_segs: tuple[Segment, ...], k_by_doc: dict[int, list[Segment]], source: int, causal: bool,
-          window: tuple[int, int]) -> Step:
-    tiles = []
+          window: tuple[int, int], *, compact: bool) -> Step:
+    tiles, segment_of = [], []  # tiles of one query segment may overlap after trimming: waves keep them apart
     for qs in q_segs:
         for ks in k_by_doc.get(qs.doc, ()):
-            lo, hi = band(qs.doc_offset, ks.doc_offset, causal, window)
-            lo, hi = max(lo, 1 - qs.length), min(hi, ks.length - 1)
-            pairs = band_pairs(qs.length, ks.length, lo, hi)
-            if pairs:
-                tiles.append(Tile(qs.local_start, qs.length, ks.local_start, ks.length, int(lo), int(hi), pairs))
-    return Step(source=source, waves=_waves(tiles))
+            tile = _trimmed_tile(qs, ks, *band(qs.doc_offset, ks.doc_offset, causal, window))
+            if tile is not None:
+                tiles.append(tile)
+                segment_of.append(qs.local_start)
+    if not compact:
+        return Step(source=source, waves=_waves(tiles, segment_of))
+    runs = _merge_runs(sorted((t.k_start, t.k_len) for t in tiles))
+    offsets, at = [], 0
+    for _, length in runs:
+        offsets.append(at)
+        at += length
+    starts = [start for start, _ in runs]
+
+    def moved(t: Tile) -> Tile:
+        i = bisect.bisect_right(starts, t.k_start) - 1
+        return Tile(t.q_start, t.q_len, offsets[i] + t.k_start - starts[i], t.k_len, t.lo, t.hi, t.pairs)
+
+    return Step(source=source, waves=_waves([moved(t) for t in tiles], segment_of), recv_runs=tuple(runs))
 
 
-def _waves(tiles: list[Tile]) -> tuple[Wave, ...]:
-    """Group tiles so that no two tiles of one wave share query rows (first fit, order kept)."""
+def _trimmed_tile(qs: Segment, ks: Segment, lo: float, hi: float) -> Tile | None:
+    """The tile of ``qs`` x ``ks`` cut down to the query rows and key rows that see something, or None."""
+    q_len, k_len = qs.length, ks.length
+    lo, hi = max(lo, 1 - q_len), min(hi, k_len - 1)
+    if lo > hi:
+        return None
+    lo, hi = int(lo), int(hi)
+    a0, a1 = max(0, -hi), min(q_len - 1, k_len - 1 - lo)  # query rows with a visible key
+    b0, b1 = max(0, lo), min(k_len - 1, q_len - 1 + hi)  # keys visible to some query
+    shift = b0 - a0
+    q_len, k_len = a1 - a0 + 1, b1 - b0 + 1
+    lo, hi = max(lo - shift, 1 - q_len), min(hi - shift, k_len - 1)
+    return Tile(qs.local_start + a0, q_len, ks.local_start + b0, k_len, lo, hi, band_pairs(q_len, k_len, lo, hi))
+
+
+def _merge_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted (start, length) runs -> the union as disjoint, maximal runs."""
+    out: list[list[int]] = []
+    for start, length in runs:
+        if out and start <= out[-1][0] + out[-1][1]:
+            out[-1][1] = max(out[-1][1], start + length - out[-1][0])
+        else:
+            out.append([start, length])
+    return [(a, n) for a, n in out]
+
+
+def _waves(tiles: list[Tile], segment_of: list[int]) -> tuple[Wave, ...]:
+    """Group tiles so that no two tiles of one wave come from the same query segment (first fit, order kept)."""
     groups: list[list[Tile]] = []
     used: list[set[int]] = []
-    for t in tiles:
+    for t, seg in zip(tiles, segment_of):
         for g, u in zip(groups, used):
-            if t.q_start not in u:
+            if seg not in u:
                 g.append(t)
-                u.add(t.q_start)
+                u.add(seg)
                 break
         else:
             groups.append([t])
-            used.append({t.q_start})
+            used.append({seg})
     return tuple(Wave(tuple(g), (min(t.q_start for t in g), max(t.q_start + t.q_len for t in g)),
                       (min(t.k_start for t in g), max(t.k_start + t.k_len for t in g))) for g in groups)
 

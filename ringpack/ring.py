@@ -1,16 +1,23 @@
 """The ring scheduler: one loop for every strategy and backend, forward and backward.
 
-Legend: ``N`` local tokens, ``H``/``Hk`` query/KV heads, ``D`` head dim; ``kv_2NKD`` is k and v
-stacked into one buffer so that one message carries both (KV heads are never repeated).
+Legend: ``N`` local tokens, ``H``/``Hk`` query/KV heads, ``D`` head dim; ``kv_N2KD`` holds k and v
+side by side so that one message carries both rows (KV heads are never repeated).
 
-Forward, rank ``r``, step ``s`` (P steps)::
+Forward, rank ``r``, step ``s`` of ``P``::
 
-    kv of rank (r - s) % P  -->  tiles of plan.steps[r][s]  -->  merge (out, lse) in fp32/fp64
-          \\-- meanwhile: send it to r + 1, receive the next from r - 1 (double buffer)
+    step 0: local tiles on the own kv
+    step s: tiles on the rows of rank (r - s)'s kv that they read  -->  merge (out, lse) in fp32/fp64
+            meanwhile step s + 1's rows are in flight: rank r sends plan.send_runs(r, s + 1) to r + s + 1
+            and receives its next buffer from r - s - 1 (double buffer)
 
-Backward: kv travels the same way; the dk/dv of each block travel with it, each rank adding its
-contribution, and after P hops they are back with their owner. Each tile's gradient uses the
-final ``out`` and ``lse`` of the whole ring, so tiles are independent and exact.
+Each source sends its rows straight to the rank that reads them instead of relaying a whole shard
+around the ring: every message carries only rows some tile reads, nothing is forwarded through a
+rank that does not need it, and a step without tiles moves nothing. On one node (NVLink, a switch)
+a shift by ``s`` costs what a shift by 1 costs.
+
+Backward: the same rows travel again; the dK/dV of the rows received at step ``s`` go straight back
+to their owner (a shift by ``-s``), overlapped with the next step. Each tile's gradient uses the final
+``out`` and ``lse`` of the whole ring, so tiles are independent and exact.
 """
 
 from __future__ import annotations
@@ -21,63 +28,81 @@ import torch
 import torch.distributed as dist
 
 from ringpack.backends import AttnSpec, Backend, select_backend
-from ringpack.comm import Ring
+from ringpack.comm import Pending, Ring
 from ringpack.merge import accumulation_dtype, merge_
 from ringpack.plan import Plan, validate_window
 
 
+def _gather(x_N: torch.Tensor, runs: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """Rows ``runs`` of ``x_N`` in order; a single run is a view."""
+    if len(runs) == 1:
+        return x_N[runs[0][0]:runs[0][0] + runs[0][1]]
+    return torch.cat([x_N[a:a + n] for a, n in runs]) if runs else x_N[:0]
+
+
+def _prefetch(kv_N2KD: torch.Tensor, plan: Plan, ring: Ring, step: int) -> Pending | None:
+    """Start the exchange of ``step``'s rows: ours to ``r + step``, ours-to-read from ``r - step``."""
+    if step >= plan.world_size:
+        return None
+    recv_tokens = plan.steps[ring.rank][step].recv_tokens
+    return ring.shift(_gather(kv_N2KD, plan.send_runs(ring.rank, step)), step,
+                      (recv_tokens, *kv_N2KD.shape[1:]), kv_N2KD.dtype, kv_N2KD.device)
+
+
 def _forward(q_NHD, k_NKD, v_NKD, plan: Plan, ring: Ring, backend: Backend, scale: float, softcap: float):
-    rank, world = ring.rank, plan.world_size
     acc = accumulation_dtype(q_NHD.dtype)
     out_acc = torch.zeros(q_NHD.shape, dtype=acc, device=q_NHD.device)
     lse_acc = torch.full((q_NHD.shape[1], q_NHD.shape[0]), float("-inf"), dtype=acc, device=q_NHD.device)
-    kv_2NKD = torch.stack((k_NKD, v_NKD))
-    for s, step in enumerate(plan.steps[rank]):
-        pending = None
-        if s + 1 < world:
-            nxt = plan.num_tokens[(rank - s - 1) % world]
-            pending = ring.exchange(kv_2NKD, (2, nxt, *k_NKD.shape[1:]), kv_2NKD.dtype, kv_2NKD.device)
+    kv_N2KD = torch.stack((k_NKD, v_NKD), dim=1)
+    buf_M2KD, pending = kv_N2KD, _prefetch(kv_N2KD, plan, ring, 1)
+    for s, step in enumerate(plan.steps[ring.rank]):
         for wave in step.waves:
-            out, lse = backend.fwd(q_NHD, kv_2NKD[0], kv_2NKD[1], wave, scale=scale, softcap=softcap)
+            out, lse = backend.fwd(q_NHD, buf_M2KD[:, 0], buf_M2KD[:, 1], wave, scale=scale, softcap=softcap)
             a, b = wave.q_span
             merge_(out_acc[a:b], lse_acc[:, a:b], out, lse)
         if pending is not None:
-            kv_2NKD = pending.wait()
+            buf_M2KD = pending.wait()
+            pending = _prefetch(kv_N2KD, plan, ring, s + 2)
     return out_acc.to(q_NHD.dtype), lse_acc
 
 
 def _backward(dout_NHD, dlse_HN, q_NHD, k_NKD, v_NKD, out_NHD, lse_HN, plan: Plan, ring: Ring,
               backend: Backend, scale: float, softcap: float):
-    rank, world = ring.rank, plan.world_size
+    rank = ring.rank
     acc = accumulation_dtype(q_NHD.dtype)
-    kv_shape = k_NKD.shape[1:]
     dq_acc = torch.zeros(q_NHD.shape, dtype=acc, device=q_NHD.device)
-    kv_2NKD = torch.stack((k_NKD, v_NKD))
-    pending_dkv = None
-    dkv = None
+    kv_N2KD = torch.stack((k_NKD, v_NKD), dim=1)
+    dkv_N2KD = torch.zeros(kv_N2KD.shape, dtype=acc, device=q_NHD.device)
+    returning: list[tuple[Pending, int]] = []  # dK/dV of our rows coming back, with the step that sent them
+
+    def take_back(pending: Pending, step: int) -> None:
+        grad_M2KD, at = pending.wait(), 0
+        for a, n in plan.send_runs(rank, step):
+            dkv_N2KD[a:a + n] += grad_M2KD[at:at + n]
+            at += n
+
+    buf_M2KD, pending = kv_N2KD, _prefetch(kv_N2KD, plan, ring, 1)
     for s, step in enumerate(plan.steps[rank]):
-        pending_kv = None
-        if s + 1 < world:
-            nxt = plan.num_tokens[(rank - s - 1) % world]
-            pending_kv = ring.exchange(kv_2NKD, (2, nxt, *kv_shape), kv_2NKD.dtype, kv_2NKD.device)
-        dkv = torch.zeros((2, plan.num_tokens[step.source], *kv_shape), dtype=acc, device=q_NHD.device)
+        grad_M2KD = dkv_N2KD if s == 0 else torch.zeros((step.recv_tokens, *kv_N2KD.shape[1:]), dtype=acc,
+                                                         device=q_NHD.device)
         for wave in step.waves:
-            dq, dk, dv = backend.bwd(dout_NHD, q_NHD, kv_2NKD[0], kv_2NKD[1], out_NHD, lse_HN, dlse_HN, wave,
-                                     scale=scale, softcap=softcap)
+            dq, dk, dv = backend.bwd(dout_NHD, q_NHD, buf_M2KD[:, 0], buf_M2KD[:, 1], out_NHD, lse_HN, dlse_HN,
+                                     wave, scale=scale, softcap=softcap)
             (q0, q1), (k0, k1) = wave.q_span, wave.k_span
             dq_acc[q0:q1] += dq
-            dkv[0, k0:k1] += dk
-            dkv[1, k0:k1] += dv
-        if pending_dkv is not None:
-            dkv += pending_dkv.wait()  # what the ranks before us added for this block
-        if world > 1:
-            nxt = plan.num_tokens[(rank - s - 1) % world]
-            pending_dkv = ring.exchange(dkv, (2, nxt, *kv_shape), acc, q_NHD.device)
-        if pending_kv is not None:
-            kv_2NKD = pending_kv.wait()
-    if pending_dkv is not None:
-        dkv = pending_dkv.wait()  # our own block, back after a full turn
-    return dq_acc.to(q_NHD.dtype), dkv[0].to(k_NKD.dtype), dkv[1].to(v_NKD.dtype)
+            grad_M2KD[k0:k1, 0] += dk
+            grad_M2KD[k0:k1, 1] += dv
+        if s > 0:
+            returning.append((ring.shift(grad_M2KD, -s, (plan.send_tokens[rank][s], *kv_N2KD.shape[1:]), acc,
+                                         q_NHD.device), s))
+        if len(returning) > 1:
+            take_back(*returning.pop(0))
+        if pending is not None:
+            buf_M2KD = pending.wait()
+            pending = _prefetch(kv_N2KD, plan, ring, s + 2)
+    for item in returning:
+        take_back(*item)
+    return dq_acc.to(q_NHD.dtype), dkv_N2KD[:, 0].to(k_NKD.dtype), dkv_N2KD[:, 1].to(v_NKD.dtype)
 
 
 class RingAttention(torch.autograd.Function):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ringpack
-from ringpack.plan import band_pairs
+from ringpack.mask import band_pairs
 
 MIXES = {
     "zero-one-primes": (0, 1, 2, 3, 5, 7, 0, 11, 13, 17),
@@ -63,6 +63,11 @@ def test_every_token_once_and_every_visible_pair_once(mix, world, strategy):
             for s, step in enumerate(plan.steps[r]):
                 assert step.source == (r - s) % world
                 k_index = _global_index(plan, step.source)
+                if s > 0:  # key rows index the received buffer: the source's runs, in order
+                    k_index = [k_index[x] for a, n in step.recv_runs for x in range(a, a + n)]
+                    read = {x for t in step.tiles for x in range(t.k_start, t.k_start + t.k_len)}
+                    assert read == set(range(len(k_index))), "a received row is never read (wasted bytes)"
+                    assert plan.send_runs(step.source, s) == step.recv_runs
                 for wave in step.waves:
                     rows = [x for t in wave.tiles for x in range(t.q_start, t.q_start + t.q_len)]
                     assert len(rows) == len(set(rows)), "tiles of one wave share query rows"
@@ -70,7 +75,11 @@ def test_every_token_once_and_every_visible_pair_once(mix, world, strategy):
                         tile_pairs = [(q_index[t.q_start + a], k_index[t.k_start + b])
                                       for a in range(t.q_len) for b in range(t.k_len) if t.lo <= b - a <= t.hi]
                         assert len(tile_pairs) == t.pairs > 0, "tile pair count wrong or tile has nothing visible"
+                        rows = {a for a in range(t.q_len) for b in range(t.k_len) if t.lo <= b - a <= t.hi}
+                        keys = {b for a in range(t.q_len) for b in range(t.k_len) if t.lo <= b - a <= t.hi}
+                        assert len(rows) == t.q_len and len(keys) == t.k_len, "tile not trimmed to what it sees"
                         computed.update(tile_pairs)
+        assert all(plan.send_tokens[r][0] == 0 for r in range(world))
         assert set(computed.values()) <= {1}, "a visible pair is computed more than once"
         assert set(computed) == _visible_pairs(cu, causal, window)
         assert sum(plan.work(r) for r in range(world)) == len(computed)
