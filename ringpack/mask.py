@@ -29,16 +29,12 @@ def band_pairs(q_len: int, k_len: int, lo: float, hi: float) -> int:
     """Number of (a, b) in ``[0, q_len) x [0, k_len)`` with ``lo <= b - a <= hi``, in O(1)."""
     if q_len <= 0 or k_len <= 0 or lo > hi:
         return 0
+    upto_hi = q_len * k_len if hi == float("inf") else _pairs_below(q_len, k_len, int(hi) + 1)
+    return upto_hi - (0 if lo == float("-inf") else _pairs_below(q_len, k_len, int(lo)))
 
-    def below(c: float) -> int:  # pairs with b - a < c, i.e. sum over a of clamp(a + c, 0, k_len)
-        if c == float("-inf"):
-            return 0
-        if c == float("inf"):
-            return q_len * k_len
-        c = int(c)
-        first = min(max(1 - c, 0), q_len)  # from here on a + c >= 1
-        last = min(max(k_len - c, 0), q_len)  # from here on a + c >= k_len (last >= first as k_len >= 1)
-        middle = (last - first) * c + (first + last - 1) * (last - first) // 2
-        return middle + (q_len - last) * k_len
 
-    return below(hi + 1) - below(lo)
+def _pairs_below(q_len: int, k_len: int, c: int) -> int:
+    """Pairs with ``b - a < c``: the sum over ``a`` of ``clamp(a + c, 0, k_len)``."""
+    first = min(max(1 - c, 0), q_len)  # from here on a + c >= 1
+    last = min(max(k_len - c, 0), q_len)  # from here on a + c >= k_len (last >= first as k_len >= 1)
+    return (last - first) * c + (first + last - 1) * (last - first) // 2 + (q_len - last) * k_len

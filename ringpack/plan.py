@@ -26,6 +26,7 @@ import functools
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -35,8 +36,7 @@ from ringpack.mask import band, band_pairs
 STRATEGIES = ("balanced", "zigzag", "contiguous")
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     """A contiguous run of one document owned by one rank."""
 
     doc: int  # document index in the global pack
@@ -46,8 +46,7 @@ class Segment:
     local_start: int  # row of the first token in the owner's local shard
 
 
-@dataclass(frozen=True)
-class Tile:
+class Tile(NamedTuple):
     """Local query rows x remote key rows of one document with at least one visible pair."""
 
     q_start: int  # first query row in the computing rank's shard
