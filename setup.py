@@ -44,7 +44,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
     extras_require={
-        "test": ["pytest>=7", "numpy"],
+        "test": ["pytest>=7", "numpy", "matplotlib"],
         "flash": ["flash-attn>=2.6,<3"],
         "deepspeed": ["deepspeed>=0.14"],
         "megatron": ["megatron-core>=0.8"],

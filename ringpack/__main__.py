@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ringpack import cli
+from ringpack import cli, planview
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ringpack", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     cli.add_check_parser(sub)
-    cli.add_plan_parser(sub)
+    planview.add_plan_parser(sub)
     args = parser.parse_args(argv)
     return args.run(args)
 
