@@ -41,7 +41,7 @@ def test_bad_options():
         ringpack.ring_attention(q, k, v, PLAN, causal=False)
     with pytest.raises(ValueError, match="do not match the plan"):
         ringpack.ring_attention(q, k, v, PLAN, window_size=(4, -1))
-    with pytest.raises(ValueError, match="unknown backend 'nope'; supported: auto, reference"):
+    with pytest.raises(ValueError, match=r"unknown backend 'nope'; supported: auto, .*reference"):
         ringpack.ring_attention(q, k, v, PLAN, backend="nope")
     with pytest.raises(ValueError, match="softcap must be >= 0"):
         ringpack.ring_attention(q, k, v, PLAN, softcap=-1.0)
@@ -64,3 +64,20 @@ def test_world_one_without_process_group_runs_and_is_differentiable():
     assert out.shape == q.shape and lse.shape == (4, 6) and lse.dtype == torch.float64
     (out.sum() + lse.sum()).backward()
     assert q.grad.shape == q.shape and k.grad.shape == k.shape
+
+
+def _mismatched_plan_message():
+    q, k, v = _inputs(n=3)
+    try:
+        ringpack.ring_attention(q, k, v, ringpack.make_plan([0, 9], 3))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_plan_world_size_must_match_a_real_group():
+    """A plan for 3 ranks inside a 2-rank group must be refused before any exchange could hang."""
+    from dist_utils import run_distributed
+
+    message = run_distributed(2, _mismatched_plan_message)
+    assert message == "plan.world_size=3 but the process group has 2 ranks"
