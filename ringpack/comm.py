@@ -26,8 +26,13 @@ class Pending:
     send: torch.Tensor | None  # kept alive until the exchange completes
 
     def wait(self) -> torch.Tensor:
-        for w in self.works:
-            w.wait()
+        try:
+            for w in self.works:
+                w.wait()  # bounded by the process group's timeout
+        except RuntimeError as e:
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            raise RuntimeError(f"ringpack: ring exchange failed on rank {rank}: a neighbouring rank died, stalled "
+                               f"past the process-group timeout, or runs a different plan ({e})") from e
         self.works, self.send = [], None
         return self.recv
 
