@@ -1,10 +1,14 @@
 """ringpack: exact context-parallel (ring) attention over packed variable-length sequences."""
 
 from ringpack.packing import (
+    MultipackBatchSampler,
+    PackingCollator,
     cu_seqlens_to_lengths,
     cu_seqlens_to_position_ids,
     lengths_to_cu_seqlens,
+    multipack,
     position_ids_to_cu_seqlens,
+    shard_batch,
 )
 from ringpack.plan import STRATEGIES, Plan, make_plan, shard, unshard
 from ringpack.ring import ring_attention
@@ -12,14 +16,18 @@ from ringpack.ring import ring_attention
 __version__ = "0.1.0"
 
 __all__ = [
+    "MultipackBatchSampler",
+    "PackingCollator",
     "Plan",
     "STRATEGIES",
     "cu_seqlens_to_lengths",
     "cu_seqlens_to_position_ids",
     "lengths_to_cu_seqlens",
     "make_plan",
+    "multipack",
     "position_ids_to_cu_seqlens",
     "ring_attention",
     "shard",
+    "shard_batch",
     "unshard",
 ]

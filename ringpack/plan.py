@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from ringpack import partition
+from ringpack import _ext, partition
 from ringpack.mask import band, band_pairs
 
 STRATEGIES = ("balanced", "zigzag", "contiguous")
@@ -177,12 +177,16 @@ class Plan:
 
 
 def make_plan(cu_seqlens: Sequence[int] | torch.Tensor, world_size: int, *, strategy: str = "balanced",
-              causal: bool = True, window_size: tuple[int, int] = (-1, -1)) -> Plan:
+              causal: bool = True, window_size: tuple[int, int] = (-1, -1), layout: Plan | None = None) -> Plan:
     """Partition a packed batch over ``world_size`` ranks and schedule every ring step.
 
     ``cu_seqlens`` holds the global document boundaries (int, 1-D, starts at 0, non-decreasing;
     zero-length documents are allowed). Pass a host copy: a CUDA tensor costs one device sync.
     Every rank calls this with the same arguments and gets the same plan, with no communication.
+
+    ``layout``: a plan of the same batch, strategy and world size whose token ownership to keep, so that
+    layers with different masks (a model alternating sliding-window and global layers) share one
+    sharding of the hidden states; only the tiles and the schedule follow this call's mask.
     """
     cu = validate_cu_seqlens(cu_seqlens)
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
@@ -191,7 +195,16 @@ def make_plan(cu_seqlens: Sequence[int] | torch.Tensor, world_size: int, *, stra
         raise ValueError(f"unknown strategy {strategy!r}; supported: {', '.join(STRATEGIES)}")
     window = validate_window(window_size)
     causal = bool(causal)
-    runs = partition.split(strategy, cu, world_size, causal=causal, window=window)
+    if layout is None:
+        runs = partition.split(strategy, cu, world_size, causal=causal, window=window)
+    elif not isinstance(layout, Plan):
+        raise ValueError(f"layout must be a ringpack.Plan from make_plan or None, got {type(layout).__name__}")
+    elif (layout.cu_seqlens, layout.world_size, layout.strategy) != (cu, world_size, strategy):
+        raise ValueError(f"layout was made for another batch: {layout.strategy!r} over {layout.world_size} ranks and "
+                         f"{len(layout.cu_seqlens) - 1} documents, asked {strategy!r} over {world_size} ranks and "
+                         f"{len(cu) - 1} documents; pass the plan of this batch")
+    else:
+        runs = layout.ranges
     segments = tuple(_segments(cu, rank_runs) for rank_runs in runs)
     by_doc = [_index_by_doc(segs) for segs in segments]
     holders: dict[int, int] = {}
@@ -358,6 +371,14 @@ def shard(x: torch.Tensor, plan: Plan, rank: int) -> torch.Tensor:
     runs = plan.ranges[rank]
     if len(runs) == 1:
         return x[runs[0][0]:runs[0][0] + runs[0][1]]
+    if _ext.gathers(x):
+        # One gather kernel instead of a copy per run (packs have thousands of runs).
+        out = x.new_empty((plan.num_tokens[rank], *x.shape[1:]))
+        at = [0]
+        for _, n in runs:
+            at.append(at[-1] + n)
+        _ext.copy_runs(out, x, [(a, n, d) for (a, n), d in zip(runs, at)])
+        return out
     return torch.cat([x[a:a + n] for a, n in runs]) if runs else x[:0]
 
 

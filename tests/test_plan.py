@@ -54,35 +54,65 @@ def _global_index(plan, rank):
 def test_every_token_once_and_every_visible_pair_once(mix, world, strategy):
     cu = ringpack.lengths_to_cu_seqlens(MIXES[mix]).tolist()
     for causal, window in MASKS:
-        plan = ringpack.make_plan(cu, world, strategy=strategy, causal=causal, window_size=window)
-        owned = Counter(t for r in range(world) for t in _global_index(plan, r))
-        assert sorted(owned) == list(range(cu[-1])) and set(owned.values()) <= {1}
-        computed = Counter()
-        for r in range(world):
-            q_index = _global_index(plan, r)
-            for s, step in enumerate(plan.steps[r]):
-                assert step.source == (r - s) % world
-                k_index = _global_index(plan, step.source)
-                if s > 0:  # key rows index the received buffer: the source's runs, in order
-                    k_index = [k_index[x] for a, n in step.recv_runs for x in range(a, a + n)]
-                    read = {x for t in step.tiles for x in range(t.k_start, t.k_start + t.k_len)}
-                    assert read == set(range(len(k_index))), "a received row is never read (wasted bytes)"
-                    assert plan.send_runs(step.source, s) == step.recv_runs
-                for wave in step.waves:
-                    rows = [x for t in wave.tiles for x in range(t.q_start, t.q_start + t.q_len)]
-                    assert len(rows) == len(set(rows)), "tiles of one wave share query rows"
-                    for t in wave.tiles:
-                        tile_pairs = [(q_index[t.q_start + a], k_index[t.k_start + b])
-                                      for a in range(t.q_len) for b in range(t.k_len) if t.lo <= b - a <= t.hi]
-                        assert len(tile_pairs) == t.pairs > 0, "tile pair count wrong or tile has nothing visible"
-                        rows = {a for a in range(t.q_len) for b in range(t.k_len) if t.lo <= b - a <= t.hi}
-                        keys = {b for a in range(t.q_len) for b in range(t.k_len) if t.lo <= b - a <= t.hi}
-                        assert len(rows) == t.q_len and len(keys) == t.k_len, "tile not trimmed to what it sees"
-                        computed.update(tile_pairs)
-        assert all(plan.send_tokens[r][0] == 0 for r in range(world))
-        assert set(computed.values()) <= {1}, "a visible pair is computed more than once"
-        assert set(computed) == _visible_pairs(cu, causal, window)
-        assert sum(plan.work(r) for r in range(world)) == len(computed)
+        _check_invariants(ringpack.make_plan(cu, world, strategy=strategy, causal=causal, window_size=window), cu)
+
+
+@pytest.mark.parametrize("mix", ["zero-one-primes", "one-long", "many-tiny"])
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_plan_with_layout_keeps_ownership_and_schedules_its_own_mask(mix, world):
+    """A model alternating windowed and global layers shares one token layout between two masks.
+
+    Catches a layout plan whose tiles still follow the layout's mask (pairs missing or doubled) or whose
+    ownership drifts from the layout (the hidden states of the two kinds of layer would disagree)."""
+    cu = ringpack.lengths_to_cu_seqlens(MIXES[mix]).tolist()
+    layout = ringpack.make_plan(cu, world, causal=True, window_size=(4, -1))
+    for causal, window in MASKS:
+        plan = ringpack.make_plan(cu, world, causal=causal, window_size=window, layout=layout)
+        assert plan.ranges == layout.ranges
+        assert (plan.causal, plan.window_size) == (causal, window)
+        _check_invariants(plan, cu)
+
+
+def test_layout_of_another_batch_is_refused():
+    layout = ringpack.make_plan([0, 5, 9], 2)
+    with pytest.raises(ValueError, match="layout was made for another batch"):
+        ringpack.make_plan([0, 4, 9], 2, layout=layout)
+    with pytest.raises(ValueError, match="layout was made for another batch"):
+        ringpack.make_plan([0, 5, 9], 2, strategy="zigzag", layout=layout)
+    with pytest.raises(ValueError, match="layout must be a ringpack.Plan"):
+        ringpack.make_plan([0, 5, 9], 2, layout=layout.ranges)
+
+
+def _check_invariants(plan, cu):
+    world, causal, window = plan.world_size, plan.causal, plan.window_size
+    owned = Counter(t for r in range(world) for t in _global_index(plan, r))
+    assert sorted(owned) == list(range(cu[-1])) and set(owned.values()) <= {1}
+    computed = Counter()
+    for r in range(world):
+        q_index = _global_index(plan, r)
+        for s, step in enumerate(plan.steps[r]):
+            assert step.source == (r - s) % world
+            k_index = _global_index(plan, step.source)
+            if s > 0:  # key rows index the received buffer: the source's runs, in order
+                k_index = [k_index[x] for a, n in step.recv_runs for x in range(a, a + n)]
+                read = {x for t in step.tiles for x in range(t.k_start, t.k_start + t.k_len)}
+                assert read == set(range(len(k_index))), "a received row is never read (wasted bytes)"
+                assert plan.send_runs(step.source, s) == step.recv_runs
+            for wave in step.waves:
+                rows = [x for t in wave.tiles for x in range(t.q_start, t.q_start + t.q_len)]
+                assert len(rows) == len(set(rows)), "tiles of one wave share query rows"
+                for t in wave.tiles:
+                    tile_pairs = [(q_index[t.q_start + a], k_index[t.k_start + b])
+                                  for a in range(t.q_len) for b in range(t.k_len) if t.lo <= b - a <= t.hi]
+                    assert len(tile_pairs) == t.pairs > 0, "tile pair count wrong or tile has nothing visible"
+                    rows = {a for a in range(t.q_len) for b in range(t.k_len) if t.lo <= b - a <= t.hi}
+                    keys = {b for a in range(t.q_len) for b in range(t.k_len) if t.lo <= b - a <= t.hi}
+                    assert len(rows) == t.q_len and len(keys) == t.k_len, "tile not trimmed to what it sees"
+                    computed.update(tile_pairs)
+    assert all(plan.send_tokens[r][0] == 0 for r in range(world))
+    assert set(computed.values()) <= {1}, "a visible pair is computed more than once"
+    assert set(computed) == _visible_pairs(cu, causal, window)
+    assert sum(plan.work(r) for r in range(world)) == len(computed)
 
 
 def test_band_pairs_matches_brute_force():
@@ -108,6 +138,21 @@ def test_shard_unshard_round_trip_and_local_layout(strategy):
         for r in range(world):
             assert torch.equal(plan.position_ids(r), ringpack.shard(positions, plan, r))
             assert plan.local_cu_seqlens(r)[-1] == plan.num_tokens[r]
+
+
+def test_shard_through_the_gather_kernel_path(monkeypatch):
+    """``shard`` on CUDA gathers all runs in one ``copy_runs`` launch; its run table (source, length,
+    destination) is built here and checked on the CPU through the same call (the extension's slice fallback).
+    Catches destination offsets that drift from the plan's local order."""
+    from ringpack import _ext
+    monkeypatch.setattr(_ext, "gathers", lambda x: True)
+    cu = ringpack.lengths_to_cu_seqlens(MIXES["zero-one-primes"])
+    x = torch.arange(int(cu[-1]) * 3).reshape(-1, 3)
+    for strategy in ringpack.STRATEGIES:
+        plan = ringpack.make_plan(cu, 3, strategy=strategy)
+        for r in range(3):
+            want = torch.cat([x[a:a + n] for a, n in plan.ranges[r]]) if plan.ranges[r] else x[:0]
+            assert torch.equal(ringpack.shard(x, plan, r), want)
 
 
 def test_zigzag_cuts_every_document_into_two_world_chunks_without_padding():
