@@ -11,7 +11,8 @@ def uniform(total: int, doc_len: int) -> list[int]:
     return lengths + ([total % doc_len] if total % doc_len else [])
 
 
-def long_tail(total: int, *, seed: int = 0, median: int = 1024, sigma: float = 1.6, max_len: int | None = None) -> list[int]:
+def long_tail(total: int, *, seed: int = 0, median: int = 1024, sigma: float = 1.6,
+              max_len: int | None = None) -> list[int]:
     """Log-normal lengths (many short documents, a few long ones) adding up to ``total``."""
     rng = random.Random(seed)
     cap = max_len or total

@@ -27,6 +27,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from ringpack import ops
 from ringpack.backends import AttnSpec, Backend, select_backend
 from ringpack.comm import Pending, Ring
 from ringpack.merge import accumulation_dtype, merge_
@@ -166,7 +167,10 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan
                     num_kv_heads=k.shape[1], causal=plan.causal, window=plan.window_size != (-1, -1),
                     softcap=softcap > 0, lse_grad=lse_grad)
     impl = select_backend(backend, spec)
-    out, lse = RingAttention.apply(q, k, v, plan, ring, impl, scale, float(softcap), lse_grad)
+    # Under torch.compile the ring runs as two registered ops (ringpack.ops) that dynamo traces as single
+    # nodes; eagerly it runs here, through the autograd.Function, with no op registry in between.
+    apply = ops.apply if torch.compiler.is_compiling() else RingAttention.apply
+    out, lse = apply(q, k, v, plan, ring, impl, scale, float(softcap), lse_grad)
     return (out, lse) if return_lse else out
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ringpack.plan import Wave
+from ringpack.plan import Tile, Wave
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,10 @@ class Backend(abc.ABC):
     def not_supported_reasons(self, spec: AttnSpec) -> list[str]:
         """Why this backend cannot run ``spec``; empty when it can."""
 
+    def accepts(self, tile: Tile) -> bool:
+        """Whether ``auto`` should give ``tile`` to this backend: it can run it and is worth a call for it."""
+        return True
+
     @abc.abstractmethod
     def fwd(self, q_NHD: torch.Tensor, k_MHD: torch.Tensor, v_MHD: torch.Tensor, wave: Wave, *,
             scale: float, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +56,9 @@ class Backend(abc.ABC):
     def bwd(self, dout_NHD: torch.Tensor, q_NHD: torch.Tensor, k_MHD: torch.Tensor, v_MHD: torch.Tensor,
             out_NHD: torch.Tensor, lse_HN: torch.Tensor, dlse_HN: torch.Tensor | None, wave: Wave, *,
             scale: float, softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return ``(dq[q_span], dk[k_span], dv[k_span])`` in the accumulation dtype.
+        """Return ``(dq[q_span], dk[k_span], dv[k_span])`` in the input or the accumulation dtype.
+
+        The ring accumulates them in fp32 (fp64 for fp64 inputs); 16-bit kernels may return 16-bit.
 
         ``out_NHD`` and ``lse_HN`` are the final results of the whole ring, not this wave's partials:
         that makes every tile's gradient exact on its own.

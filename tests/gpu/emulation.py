@@ -1,0 +1,287 @@
+"""float64 emulations of the aten kernels that ``torch_flash`` and ``cudnn`` call, and one-process rings.
+
+They follow each kernel's contract as measured on the GPU (bottom-right windows, FA2's host-side window
+normalisation and lse +inf for empty rows for the varlen flash ops; top-left causal and ``[1, H, S, 1]``
+lse for cuDNN; backward reading ``out`` only through ``rowsum(dout * out)``), so the backends' layout,
+gather, combine and lse-gradient logic can be checked exactly on the CPU. The GPU tests check the real
+kernels against the same judgement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import queue
+import threading
+
+import torch
+
+from ringpack.merge import accumulation_dtype, merge_
+from ringpack.plan import Plan, shard, unshard
+
+
+def _scores(q_SHD, k_SKD, scale):
+    group = q_SHD.shape[1] // k_SKD.shape[1]
+    return torch.einsum("ahd,bhd->hab", q_SHD, k_SKD.repeat_interleave(group, 1)) * scale
+
+
+def _fwd_core(q, k, v, visible_ab, scale):
+    s = _scores(q, k, scale).masked_fill(~visible_ab, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    empty = torch.isinf(lse)
+    p = torch.exp(s - torch.where(empty, 0, lse)[..., None])
+    out = torch.einsum("hab,bhd->ahd", p, v.repeat_interleave(q.shape[1] // k.shape[1], 1))
+    return out, torch.where(empty, float("inf"), lse)
+
+
+def _bwd_core(dout, q, k, v, out, lse, visible_ab, scale):
+    group = q.shape[1] // k.shape[1]
+    kx, vx = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = _scores(q, k, scale).masked_fill(~visible_ab, float("-inf"))
+    p = torch.exp(s - lse[..., None])
+    delta = (dout * out).sum(-1).t()  # [H, a]: the kernel's only use of out
+    ds = p * (torch.einsum("ahd,bhd->hab", dout, vx) - delta[..., None]) * scale
+    dq = torch.einsum("hab,bhd->ahd", ds, kx)
+    dk = torch.einsum("hab,ahd->bhd", ds, q).unflatten(1, (k.shape[1], group)).sum(2)
+    dv = torch.einsum("hab,ahd->bhd", p, dout).unflatten(1, (k.shape[1], group)).sum(2)
+    return dq, dk, dv
+
+
+def _window_mask(a, b, left, right):
+    d = torch.arange(b)[None, :] - torch.arange(a)[:, None]
+    shift = b - a
+    mask = torch.ones(a, b, dtype=torch.bool)
+    if left >= 0:
+        mask &= d >= shift - left
+    if right >= 0:
+        mask &= d <= shift + right
+    return mask
+
+
+def _entries(cu_q, cu_k, max_q, max_k):
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    assert cq[0] == 0 and ck[0] == 0 and len(cq) == len(ck)
+    for i in range(len(cq) - 1):
+        a, b = cq[i + 1] - cq[i], ck[i + 1] - ck[i]
+        assert a >= 0 and b >= 0 and a <= max_q and b <= max_k, (a, b, max_q, max_k)
+        yield cq[i], a, ck[i], b
+
+
+def _fa2_window(left: int, right: int, max_k: int, is_causal: bool) -> tuple[int, int]:
+    """The window the FA2 kernel really applies: ``mha_varlen_fwd``/``_bwd`` normalise it on the host.
+
+    A side ``>= max_k`` becomes unbounded, then an unbounded side next to a bounded one becomes
+    ``max_k``, which with bottom-right alignment is *not* unbounded for a sequence with more queries
+    than ``max_k + 1``."""
+    if is_causal:
+        right = 0
+    left = -1 if left >= max_k else left
+    right = -1 if right >= max_k else right
+    if left < 0 and right >= 0:
+        left = max_k
+    if left >= 0 and right < 0:
+        right = max_k
+    return left, right
+
+
+def flash_fwd(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, return_debug_mask, *, scale,
+              window_size_left, window_size_right):
+    assert dropout_p == 0.0 and q.dtype == k.dtype == v.dtype
+    assert not is_causal or window_size_right in (0, -1)
+    window_size_left, right = _fa2_window(window_size_left, window_size_right, max_k, is_causal)
+    out = torch.zeros_like(q)
+    lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float64)
+    for q0, a, k0, b in _entries(cu_q, cu_k, max_q, max_k):
+        if a and b:
+            o, l_ = _fwd_core(q[q0:q0 + a], k[k0:k0 + b], v[k0:k0 + b], _window_mask(a, b, window_size_left, right),
+                              scale)
+            out[q0:q0 + a], lse[:, q0:q0 + a] = o, l_
+    return out, lse, torch.empty(2), torch.empty(()), torch.empty(0)
+
+
+def flash_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, rng, unused, *, scale,
+              window_size_left, window_size_right):
+    window_size_left, right = _fa2_window(window_size_left, window_size_right, max_k, is_causal)
+    assert lse.is_contiguous() and lse.shape == (q.shape[1], q.shape[0])
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for q0, a, k0, b in _entries(cu_q, cu_k, max_q, max_k):
+        if a and b:
+            dq[q0:q0 + a], dk[k0:k0 + b], dv[k0:k0 + b] = _bwd_core(
+                dout[q0:q0 + a], q[q0:q0 + a], k[k0:k0 + b], v[k0:k0 + b], out[q0:q0 + a], lse[:, q0:q0 + a],
+                _window_mask(a, b, window_size_left, right), scale)
+    return dq, dk, dv
+
+
+def _shd(x_1HSD):
+    return x_1HSD[0].transpose(0, 1)
+
+
+def _1hsd(x_SHD):
+    return x_SHD.unsqueeze(0).transpose(1, 2)
+
+
+def _top_left(a, b, causal):
+    if not causal:
+        return torch.ones(a, b, dtype=torch.bool)
+    return torch.arange(b)[None, :] <= torch.arange(a)[:, None]
+
+
+def cudnn_fwd(q, k, v, attn_bias, compute_log_sumexp, dropout_p, is_causal, return_debug_mask, *, scale):
+    assert attn_bias is None and compute_log_sumexp and dropout_p == 0.0
+    a, b = q.shape[2], k.shape[2]
+    out, lse = _fwd_core(_shd(q), _shd(k), _shd(v), _top_left(a, b, is_causal), scale)
+    seed = torch.zeros((), dtype=torch.int64)
+    return _1hsd(out), lse[None, ..., None], None, None, a, b, seed, seed, None
+
+
+def cudnn_bwd(dout, q, k, v, out, lse, seed, offset, attn_bias, cum_q, cum_k, max_q, max_k, dropout_p, is_causal, *,
+              scale):
+    assert attn_bias is None and cum_q is None and cum_k is None and lse.shape == (1, q.shape[1], q.shape[2], 1)
+    a, b = q.shape[2], k.shape[2]
+    assert (max_q, max_k) == (a, b)
+    grads = _bwd_core(_shd(dout), _shd(q), _shd(k), _shd(v), _shd(out), lse[0, ..., 0], _top_left(a, b, is_causal),
+                      scale)
+    return tuple(_1hsd(g) for g in grads)
+
+
+def _step_rows(x_local, step_index: int, step):
+    """The source's KV rows a step reads: the whole shard at step 0, else the received runs in order."""
+    runs = getattr(step, "recv_runs", ())
+    if step_index == 0 or not runs:
+        return x_local, None
+    return torch.cat([x_local[a:a + n] for a, n in runs]), runs
+
+
+def _scatter_rows_(dst, src, runs) -> None:
+    if runs is None:
+        dst += src
+        return
+    pos = 0
+    for a, n in runs:
+        dst[a:a + n] += src[pos:pos + n]
+        pos += n
+
+
+def ring_one_process(backend, plan: Plan, q, k, v, dout, dlse, *, scale: float, softcap: float = 0.0,
+                     backward: bool = True):
+    """Run every rank of ``plan`` in this process through ``backend``: global ``(out, lse, dq, dk, dv)``
+    (``(out, lse)`` without ``backward``)."""
+    world = plan.world_size
+    acc = accumulation_dtype(q.dtype)
+    qs, ks, vs, dos = ([shard(x, plan, r) for r in range(world)] for x in (q, k, v, dout))
+    dlses = [shard(dlse.t(), plan, r).t() if dlse is not None else None for r in range(world)]
+    outs, lses = [], []
+    for r in range(world):
+        out_acc = torch.zeros(qs[r].shape, dtype=acc)
+        lse_acc = torch.full((q.shape[1], qs[r].shape[0]), float("-inf"), dtype=acc)
+        for s, step in enumerate(plan.steps[r]):
+            k_step, _ = _step_rows(ks[step.source], s, step)
+            v_step, _ = _step_rows(vs[step.source], s, step)
+            for wave in step.waves:
+                o, l_ = backend.fwd(qs[r], k_step, v_step, wave, scale=scale, softcap=softcap)
+                a, b = wave.q_span
+                assert o.shape[0] == b - a and l_.shape == (q.shape[1], b - a)
+                merge_(out_acc[a:b], lse_acc[:, a:b], o, l_)
+        outs.append(out_acc.to(q.dtype))
+        lses.append(lse_acc)
+    lse = unshard([x.t() for x in lses], plan).t()
+    if not backward:
+        return unshard(outs, plan), lse
+    dqs = [torch.zeros(x.shape, dtype=acc) for x in qs]
+    dks = [torch.zeros(x.shape, dtype=acc) for x in ks]
+    dvs = [torch.zeros(x.shape, dtype=acc) for x in vs]
+    for r in range(world):
+        for s, step in enumerate(plan.steps[r]):
+            src = step.source
+            k_step, runs = _step_rows(ks[src], s, step)
+            v_step, _ = _step_rows(vs[src], s, step)
+            dk_step, dv_step = torch.zeros(k_step.shape, dtype=acc), torch.zeros(v_step.shape, dtype=acc)
+            for wave in step.waves:
+                dq, dk, dv = backend.bwd(dos[r], qs[r], k_step, v_step, outs[r], lses[r], dlses[r], wave,
+                                         scale=scale, softcap=softcap)
+                (q0, q1), (k0, k1) = wave.q_span, wave.k_span
+                dqs[r][q0:q1] += dq
+                dk_step[k0:k1] += dk
+                dv_step[k0:k1] += dv
+            _scatter_rows_(dks[src], dk_step, runs)
+            _scatter_rows_(dvs[src], dv_step, runs)
+    return unshard(outs, plan), lse, unshard(dqs, plan), unshard(dks, plan), unshard(dvs, plan)
+
+
+class ThreadRing:
+    """The ``comm.Ring`` interface for ``world`` ranks run as threads of one process (one GPU, or the CPU).
+
+    ``shift`` posts a copy of the buffer into a FIFO per (source, destination) pair and ``wait`` takes
+    the next one of its pair, so messages match in posting order exactly as NCCL point-to-point does:
+    a rank that posts a different sequence than its peers gets a wrong-shaped buffer or times out,
+    here as a test failure instead of a hang.
+    """
+
+    def __init__(self, rank: int, mailbox: dict, timeout_s: float):
+        self.group, self.rank, self.size = None, rank, int(round(len(mailbox) ** 0.5))
+        self.mailbox, self.timeout_s = mailbox, timeout_s
+
+    @classmethod
+    def ranks(cls, world: int, timeout_s: float = 60.0) -> list[ThreadRing]:
+        mailbox = {(a, b): queue.Queue() for a in range(world) for b in range(world)}
+        return [cls(r, mailbox, timeout_s) for r in range(world)]
+
+    def shift(self, send, shift: int, recv_shape, dtype, device):
+        if send is not None and send.numel():
+            self.mailbox[self.rank, (self.rank + shift) % self.size].put(send.clone())
+        return _ThreadPending(self, (self.rank - shift) % self.size, tuple(recv_shape), dtype, device)
+
+
+@dataclasses.dataclass
+class _ThreadPending:
+    ring: ThreadRing
+    source: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    def wait(self) -> torch.Tensor:
+        if not math.prod(self.shape):
+            return torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        me = self.ring.rank
+        try:
+            got = self.ring.mailbox[self.source, me].get(timeout=self.ring.timeout_s)
+        except queue.Empty:
+            raise RuntimeError(f"rank {me}: nothing from rank {self.source} within {self.ring.timeout_s} s") from None
+        if tuple(got.shape) != self.shape or got.dtype != self.dtype:
+            raise RuntimeError(f"rank {me}: from rank {self.source} got {tuple(got.shape)} {got.dtype}, expected "
+                               f"{self.shape} {self.dtype}: the ranks posted different sequences")
+        return got
+
+
+def ring_in_threads(plan: Plan, backend, q, k, v, dout, dlse, *, scale: float, softcap: float = 0.0):
+    """Every rank of ``plan`` as a thread running ``ringpack.ring``'s own forward and backward loops over a
+    :class:`ThreadRing`; global ``(out, lse, dq, dk, dv)``. Inputs are global, on the device to run on."""
+    from ringpack import ring as ring_mod
+
+    world = plan.world_size
+    rings = ThreadRing.ranks(world)
+    results, errors = [None] * world, [None] * world
+
+    def rank_main(r: int) -> None:
+        try:
+            q_, k_, v_, dout_ = (shard(x, plan, r) for x in (q, k, v, dout))
+            dlse_ = shard(dlse.t(), plan, r).t() if dlse is not None else None
+            out, lse = ring_mod._forward(q_, k_, v_, plan, rings[r], backend, scale, softcap)
+            grads = ring_mod._backward(dout_.contiguous(), dlse_, q_, k_, v_, out, lse, plan, rings[r], backend,
+                                       scale, softcap)
+            results[r] = (out, lse, *grads)
+        except Exception as e:  # reported by the caller, with the rank
+            errors[r] = e
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r, e in enumerate(errors):
+        if e is not None:
+            raise RuntimeError(f"rank {r} of {world} raised {type(e).__name__}: {e}") from e
+    out, lse, dq, dk, dv = ([results[r][i] for r in range(world)] for i in range(5))
+    return (unshard(out, plan), unshard([x.t() for x in lse], plan).t(), unshard(dq, plan), unshard(dk, plan),
+            unshard(dv, plan))

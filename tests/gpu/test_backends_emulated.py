@@ -1,0 +1,203 @@
+"""The torch_flash and cudnn backends' host logic, checked exactly on the CPU with float64 kernel emulations.
+
+The kernels are replaced by float64 emulations of their documented contracts (``emulation.py``); what
+is tested is ringpack's side: trimming bands to windows, cutting waves into varlen calls, gathering
+overlapping keys, combining calls, scattering key gradients, the lse-gradient shift, and ``auto``'s
+per-tile split. Any slip there is an O(1) error, so float64 results must match the float64 reference
+to 1e-10 (the merge is exact; only rounding remains).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from emulation import cudnn_bwd, cudnn_fwd, flash_bwd, flash_fwd, ring_one_process
+
+from ringpack.backends.auto import AutoBackend
+from ringpack.backends.cudnn import CudnnBackend
+from ringpack.backends.torch_flash import TorchFlashBackend
+from ringpack.checking import reference_attention
+from ringpack.packing import lengths_to_cu_seqlens
+from ringpack.plan import make_plan
+
+MIXES = [(0, 1, 7, 97, 31, 0, 13, 64), (5,) * 12 + (3, 1)]
+MASKS = [(True, (-1, -1)), (False, (-1, -1)), (True, (9, -1)), (False, (6, 4)), (True, (0, -1))]
+
+
+def _flash():
+    b = TorchFlashBackend()
+    b.fwd_op, b.bwd_op = flash_fwd, flash_bwd
+    return b
+
+
+def _cudnn(min_pairs: int = 0):
+    b = CudnnBackend()
+    b.fwd_op, b.bwd_op = cudnn_fwd, cudnn_bwd
+    b.min_tile_pairs = min_pairs
+    return b
+
+
+def _check(backend, lengths, world, strategy, causal, window, heads=4, kv_heads=2, lse_grad=True, backward=True,
+           tol=1e-10):
+    cu = lengths_to_cu_seqlens(lengths)
+    total = int(cu[-1])
+    g = torch.Generator().manual_seed(world * 7 + len(lengths))
+    q, k, v, dout = (torch.randn(total, h, 16, generator=g, dtype=torch.float64)
+                     for h in (heads, kv_heads, kv_heads, heads))
+    dlse = torch.randn(heads, total, generator=g, dtype=torch.float64) if lse_grad else None
+    plan = make_plan(cu, world, strategy=strategy, causal=causal, window_size=window)
+    got = ring_one_process(backend, plan, q, k, v, dout, dlse, scale=1 / math.sqrt(16), backward=backward)
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    out, lse = reference_attention(qr, kr, vr, cu, causal=causal, window_size=window)
+    loss = (out * dout).sum() + ((lse.masked_fill(torch.isinf(lse), 0) * dlse).sum() if lse_grad else 0)
+    want = (out.detach(), lse.detach(), *torch.autograd.grad(loss, (qr, kr, vr)))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        both_inf = torch.isinf(a) & torch.isinf(b) & (a == b)
+        err = torch.where(both_inf, 0, (a - b).abs()).max().item() if a.numel() else 0.0
+        assert err <= tol, f"{name}: max error {err}"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("strategy", ["balanced", "zigzag", "contiguous"])
+@pytest.mark.parametrize("causal,window", MASKS)
+def test_torch_flash_layout_exact(world, strategy, causal, window):
+    """Catches a wrong band -> (left, right) mapping, a gap row computed, a lost or doubled key run."""
+    for lengths, (h, hk) in zip(MIXES, ((4, 2), (4, 1))):
+        _check(_flash(), lengths, world, strategy, causal, window, h, hk)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+@pytest.mark.parametrize("strategy", ["balanced", "contiguous"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cudnn_dense_tiles_exact(world, strategy, causal):
+    """Catches cuDNN's top-left causal used on a non-square tile, and a wrong per-tile placement."""
+    _check(_cudnn(), (211, 64, 12), world, strategy, causal, (-1, -1))  # no 1 x 1 tile
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("causal", [True, False])
+def test_auto_split_exact(world, causal):
+    """auto sends big dense tiles to cudnn and the rest to torch_flash in one wave: the combine must be exact."""
+    auto = AutoBackend([_cudnn(min_pairs=30 * 30), _flash()])
+    _check(auto, (211, 13, 97, 1, 40), world, "balanced", causal, (-1, -1))
+
+
+def test_lse_gradient_off():
+    """Without an lse gradient the backward must not shift ``out`` (catches a None dlse mishandled)."""
+    _check(_flash(), (97, 31), 2, "balanced", True, (-1, -1), lse_grad=False)
+
+
+def test_cudnn_rejects_band_tile():
+    """A windowed tile named for cudnn must raise, never run with the wrong (top-left) mask."""
+    plan = make_plan([0, 50], 1, causal=True, window_size=(5, -1))
+    q = torch.zeros(50, 2, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="neither full nor square causal"):
+        _cudnn().fwd(q, q, q, plan.steps[0][0].waves[0], scale=1.0, softcap=0.0)
+
+
+def _flex_eager():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from ringpack.backends.flex import FlexBackend
+    b = FlexBackend()
+    b._compiled = flex_attention  # the unfused eager path: same mask and lse logic, no compiler needed
+    return b
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("strategy", ["balanced", "contiguous"])
+@pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (6, 4))])
+def test_flex_block_mask_exact(world, strategy, causal, window):
+    """Catches a wrong row bound in flex's mask (forward: flex has no CPU backward; the GPU tests cover it).
+
+    Flex returns its lse through float32 even for float64 inputs, and the merge weights come from the
+    lse, so the bound is float32's (1e-5 on values of a few units); a mask error is O(1).
+    """
+    _check(_flex_eager(), (0, 1, 7, 97, 31, 0, 13, 64), world, strategy, causal, window, backward=False,
+           tol=1e-5)
+
+
+def test_flex_block_tables_cover_every_visible_block():
+    """Blocks marked full must be fully visible; every block with a visible pair must be marked (full or partial)."""
+    from ringpack.backends.flex import BLOCK, block_tables, row_bounds
+    plan = make_plan(lengths_to_cu_seqlens((300, 5, 700)), 2, causal=True, window_size=(200, -1))
+    for rank_steps in plan.steps:
+        for step in rank_steps:
+            for wave in step.waves:
+                lo, hi = row_bounds(wave)
+                n_k = wave.k_span[1] - wave.k_span[0]
+                kv = torch.arange(n_k)
+                visible = (kv[None] >= lo[:, None]) & (kv[None] <= hi[:, None])
+                count, idx, full_count, full_idx = block_tables(lo, hi, n_k)
+                nq, nk = -(-lo.shape[0] // BLOCK), -(-n_k // BLOCK)
+                pad = torch.zeros(nq * BLOCK, nk * BLOCK, dtype=torch.bool)
+                pad[:visible.shape[0], :n_k] = visible
+                blocks = pad.view(nq, BLOCK, nk, BLOCK)
+                for i in range(nq):
+                    marked = set(idx[0, 0, i, :count[0, 0, i]].tolist())
+                    full = set(full_idx[0, 0, i, :full_count[0, 0, i]].tolist())
+                    assert not marked & full
+                    for j in range(nk):
+                        if blocks[i, :, j].any():
+                            assert j in marked | full, (i, j)
+                        if j in full:
+                            assert blocks[i, :, j].all(), (i, j)
+
+
+def test_trim_window_is_the_band():
+    """Every band tile, trimmed, is exactly its band as a bottom-right (left, right) window (no tile unsupported)."""
+    import random
+
+    from ringpack.backends.layout import trim
+    from ringpack.plan import Tile
+    rng = random.Random(0)
+    for _ in range(2000):
+        q_len, k_len = rng.randint(1, 12), rng.randint(1, 12)
+        lo = rng.randint(-14, 12)
+        hi = rng.randint(lo, 14)
+        lo, hi = max(lo, 1 - q_len), min(hi, k_len - 1)
+        if lo > hi:
+            continue
+        d = torch.arange(k_len)[None] - torch.arange(q_len)[:, None]
+        band = (d >= lo) & (d <= hi)
+        if not band.any():
+            continue
+        kt = trim(Tile(3, q_len, 5, k_len, lo, hi, int(band.sum())))
+        got = torch.zeros(q_len, k_len, dtype=torch.bool)
+        shift = kt.k_len - kt.q_len
+        dd = torch.arange(kt.k_len)[None] - torch.arange(kt.q_len)[:, None]
+        win = torch.ones(kt.q_len, kt.k_len, dtype=torch.bool)
+        if kt.left >= 0:
+            win &= dd >= shift - kt.left
+        if kt.right >= 0:
+            win &= dd <= shift + kt.right
+        got[kt.q_start - 3:kt.q_start - 3 + kt.q_len, kt.k_start - 5:kt.k_start - 5 + kt.k_len] = win
+        assert torch.equal(got, band), (q_len, k_len, lo, hi, kt)
+
+
+@pytest.mark.parametrize("strategy", ["contiguous", "zigzag", "balanced"])
+def test_torch_flash_window_with_more_queries_than_keys(strategy):
+    """What the real kernel caught on an H200: a causal window where many queries of a cut document meet few
+    keys of the rank before. FA2 reads the unbounded right side as ``max_k``, which hid keys from the first
+    rows (out error 0.3 relative); the backend now bounds that side itself."""
+    _check(_flash(), (300, 40), 2, strategy, True, (100, -1))
+    _check(_flash(), (300, 40, 7), 3, strategy, True, (100, -1))
+
+
+def test_cudnn_rejects_one_by_one_tile():
+    """cuDNN's backward raises on s_q = s_kv = 1 (measured on an H200): a 1-token document named for cudnn must
+    get ringpack's ValueError up front, and auto must never hand it such a tile."""
+    plan = make_plan([0, 1], 1, causal=True)
+    q = torch.zeros(1, 2, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="1 query x 1 key"):
+        _cudnn().fwd(q, q, q, plan.steps[0][0].waves[0], scale=1.0, softcap=0.0)
+    assert not _cudnn(min_pairs=0).accepts(plan.steps[0][0].waves[0].tiles[0])
+
+
+def test_flex_declines_softcap_with_its_reason():
+    from ringpack.backends import AttnSpec
+    from ringpack.backends.flex import FlexBackend
+    spec = AttnSpec("cuda", torch.bfloat16, 64, 8, 2, True, False, True, False)
+    assert any("softcap" in why for why in FlexBackend().not_supported_reasons(spec))
