@@ -1,51 +1,12 @@
-"""Shared pieces of the framework-integration tests: a 2-rank gloo job per test module, and comparisons.
+"""Shared pieces of the framework-integration tests: gradient and loss comparisons across ranks.
 
-The job is started once per module (spawning and importing a framework costs seconds; a check costs
-milliseconds). The group comes from the ``env://`` variables that torchrun would set, because DeepSpeed
-and Megatron-core read them too.
+Each test module starts one 2-rank gloo job (``dist_utils.run_distributed``) and checks many things in it.
 """
 
 from __future__ import annotations
 
-import datetime
-import os
-import pickle
-import socket
-import tempfile
-
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out_file: str, fn, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)  # the ranks share two cores; more threads only contend
-    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        result = fn(*args)
-    finally:
-        dist.destroy_process_group()
-    if rank == 0:
-        with open(out_file, "wb") as f:
-            pickle.dump(result, f)
-
-
-def run_job(world: int, fn, *args):
-    """Run ``fn(*args)`` on ``world`` spawned gloo ranks (``fn`` must be importable); return rank 0's result."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out_file = os.path.join(tmp, "result.pkl")
-        mp.spawn(_worker, args=(world, _free_port(), out_file, fn, args), nprocs=world)
-        with open(out_file, "rb") as f:
-            return pickle.load(f)
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

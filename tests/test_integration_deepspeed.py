@@ -16,7 +16,8 @@ import torch.distributed as dist
 pytest.importorskip("deepspeed", reason="deepspeed is not installed (DS_BUILD_OPS=0 pip install deepspeed)")
 pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
 
-from integration_utils import grad_errors, max_over_ranks, rel_err, run_job  # noqa: E402
+from dist_utils import run_distributed  # noqa: E402
+from integration_utils import grad_errors, max_over_ranks, rel_err  # noqa: E402
 
 LENGTHS = (23, 1, 41, 9, 30)
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 16
@@ -142,7 +143,7 @@ def _job():
 
 @pytest.fixture(scope="module")
 def job():
-    return run_job(2, _job)
+    return run_distributed(2, _job)
 
 
 @pytest.mark.parametrize("ulysses,ring,strategy,seq_dim", _grid_cases())

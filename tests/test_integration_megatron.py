@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install megatron-core)")
 
-from integration_utils import grad_errors, max_over_ranks, rel_err, run_job, sum_grads  # noqa: E402
+from dist_utils import run_distributed  # noqa: E402
+from integration_utils import grad_errors, max_over_ranks, rel_err, sum_grads  # noqa: E402
 
 LENGTHS = (23, 1, 41, 9, 30)  # padded to multiples of 2 * cp = 4 for Megatron's THD layout
 VOCAB = 128
@@ -228,7 +229,7 @@ def _with(config, **changes):
 
 @pytest.fixture(scope="module")
 def job():
-    return run_job(2, _job)
+    return run_distributed(2, _job)
 
 
 @pytest.mark.parametrize("mask", ["causal", "window", "plain_params"])

@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
 
-from integration_utils import grad_errors, max_over_ranks, rel_err, run_job, sum_grads  # noqa: E402
+from dist_utils import run_distributed  # noqa: E402
+from integration_utils import grad_errors, max_over_ranks, rel_err, sum_grads  # noqa: E402
 
 import ringpack  # noqa: E402
 from ringpack.integrations import RingpackContext  # noqa: E402
@@ -146,7 +147,7 @@ def _all_ones_mask_ok(batch, group) -> bool:
 
 @pytest.fixture(scope="module")
 def job():
-    return run_job(2, _job)
+    return run_distributed(2, _job)
 
 
 @pytest.mark.parametrize("model", list(_configs()))

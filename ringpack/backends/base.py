@@ -34,6 +34,18 @@ class AttnSpec:
     lse_grad: bool  # the caller differentiates through the returned lse
 
 
+def cuda_reasons(spec: AttnSpec, dtypes: tuple[torch.dtype, ...]) -> list[str]:
+    """Why a CUDA-only kernel taking ``dtypes`` cannot run ``spec``'s device and dtype; empty when it can."""
+    why = []
+    if spec.device_type != "cuda":
+        why.append(f"device {spec.device_type!r} is not cuda")
+    elif not torch.cuda.is_available():
+        why.append("CUDA is not available")
+    if spec.dtype not in dtypes:
+        why.append(f"dtype {spec.dtype} is not {'/'.join(str(d).removeprefix('torch.') for d in dtypes)}")
+    return why
+
+
 class Backend(abc.ABC):
     """A local attention kernel: forward with LSE, backward against the final (global) out and lse."""
 

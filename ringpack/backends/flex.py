@@ -26,7 +26,7 @@ import importlib.util
 
 import torch
 
-from ringpack.backends.base import AttnSpec, Backend
+from ringpack.backends.base import AttnSpec, Backend, cuda_reasons
 from ringpack.backends.torch_flash import MAX_HEAD_DIM, staged
 from ringpack.plan import Wave
 
@@ -90,13 +90,7 @@ class FlexBackend(Backend):
         return self._compiled
 
     def not_supported_reasons(self, spec: AttnSpec) -> list[str]:
-        why = []
-        if spec.device_type != "cuda":
-            why.append(f"device {spec.device_type!r} is not cuda (flex compiles Triton kernels)")
-        elif not torch.cuda.is_available():
-            why.append("CUDA is not available")
-        if spec.dtype not in DTYPES:
-            why.append(f"dtype {spec.dtype} is not float16/bfloat16/float32")
+        why = cuda_reasons(spec, DTYPES)  # flex compiles Triton kernels
         if spec.head_dim > MAX_HEAD_DIM or spec.head_dim < 16 or spec.head_dim & (spec.head_dim - 1):
             why.append(f"head_dim {spec.head_dim} is not a power of two in [16, {MAX_HEAD_DIM}]")
         if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ringpack.backends import layout
-from ringpack.backends.base import AttnSpec, Backend
+from ringpack.backends.base import AttnSpec, Backend, cuda_reasons
 from ringpack.merge import accumulation_dtype
 from ringpack.plan import Wave
 
@@ -78,13 +78,7 @@ def lse_adjusted_out(out_NHD: torch.Tensor, dout_NHD: torch.Tensor, dlse_HN: tor
 
 def common_reasons(spec: AttnSpec, name: str) -> list[str]:
     """What every fused 16-bit CUDA kernel here needs: a CUDA device, fp16/bf16, a head dim it was built for."""
-    why = []
-    if spec.device_type != "cuda":
-        why.append(f"device {spec.device_type!r} is not cuda")
-    elif not torch.cuda.is_available():
-        why.append("CUDA is not available")
-    if spec.dtype not in DTYPES:
-        why.append(f"dtype {spec.dtype} is not float16/bfloat16")
+    why = cuda_reasons(spec, DTYPES)
     if spec.head_dim > MAX_HEAD_DIM or spec.head_dim % 8:
         why.append(f"head_dim {spec.head_dim} is not a multiple of 8 up to {MAX_HEAD_DIM}")
     if spec.softcap:

@@ -17,8 +17,8 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
+from dist_utils import run_distributed
 from emulation import ring_in_threads
-from nccl_utils import run_nccl
 
 from ringpack import STRATEGIES, checking
 from ringpack.backends import AttnSpec, select_backend
@@ -91,7 +91,7 @@ def test_one_gpu_every_backend():
 @pytest.mark.parametrize("backend", ["auto", "torch_flash", "cudnn", "flex"])
 def test_two_gpus_nccl_every_strategy(backend):
     """Two ranks over NCCL: every strategy, mask and dtype, forward and backward."""
-    _assert_all_ok(run_nccl(2, _run, [c for c in gpu_cases() if c.backend == backend]))
+    _assert_all_ok(run_distributed(2, _run, [c for c in gpu_cases() if c.backend == backend], backend="nccl"))
 
 
 @needs_cuda
