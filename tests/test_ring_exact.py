@@ -13,7 +13,7 @@ import pytest
 from dist_utils import run_distributed
 
 from ringpack import STRATEGIES
-from ringpack.checking import Case, run_case
+from ringpack.checking import Case, default_cases, run_case
 
 MIXES = {
     "zero-one-primes": (0, 1, 2, 3, 5, 7, 0, 11, 13, 17, 0),
@@ -65,3 +65,18 @@ def test_float64_ring_matches_reference(results, name):
     for tensor, err in result.errors.items():
         assert err <= 1e-10, f"world {world} {name}: max |{tensor} - reference| = {err:.3e}"
     assert set(result.errors) == {"out", "lse", "dq", "dk", "dv"}
+
+
+def _default_suite():
+    return {case.label: run_case(case, single_device=False).errors for case in default_cases(8)}
+
+
+def test_eight_ranks_run_the_check_suite_exactly():
+    """Eight ranks, more than the cores CI has: every strategy, mask and head layout of ``check``'s suite.
+
+    Catches what only a longer ring shows: exchanges shifted by up to 7 ranks, documents cut into 16
+    zigzag chunks (most of them empty or one token long), windows reaching past several ranks."""
+    by_label = run_distributed(8, _default_suite)
+    assert len(by_label) == len(default_cases(8))
+    for label, errors in by_label.items():
+        assert max(errors.values()) <= 1e-10, f"world 8 {label}: {errors}"
