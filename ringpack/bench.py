@@ -128,7 +128,11 @@ class Runner:
         return bool(flag.item())
 
     def timed(self, fn, *, collective: bool = True) -> float:
-        """Seconds per call of ``fn`` (one warm-up, ``reps`` timed), the max over ranks when collective."""
+        """Seconds per call of ``fn`` (two warm-ups, ``reps`` timed), the max over ranks when collective.
+
+        Two warm-ups: a compiled backend (flex) may compile again on its second call, when torch.compile
+        turns sizes dynamic; one warm-up left that compile inside flex's timed forward on 2026-11-23."""
+        fn()
         fn()
         self.sync()
         if collective and self.world > 1:
