@@ -202,3 +202,14 @@ def test_one_process_takes_boundaries_from_position_ids_or_cu_seqlens():
         assert rel_err(from_cu, want) <= TOL
         with pytest.raises(ValueError, match="cover"):
             model(input_ids=ids[:, :-1], cu_seq_lens_q=cu, use_cache=False)
+
+
+@pytest.mark.parametrize("name", ["s_aux", "sinks", "position_bias", "head_mask", "alibi_slopes"])
+def test_score_changing_inputs_are_refused(name):
+    """Attention sinks (gpt-oss), score biases or head masks must raise, not be dropped from the softmax."""
+    from ringpack.integrations.transformers import ringpack_attention_forward
+
+    q = torch.zeros(1, 4, 8, 16)
+    kv = torch.zeros(1, 2, 8, 16)
+    with pytest.raises(ValueError, match=f"{name} .* is not supported by ringpack"):
+        ringpack_attention_forward(torch.nn.Module(), q, kv, kv, None, **{name: torch.zeros(4)})

@@ -30,6 +30,9 @@ from ringpack.integrations.context import RingpackContext
 from ringpack.packing import IGNORE_INDEX, count_targets, position_ids_to_cu_seqlens
 
 NAME = "ringpack"
+# Attention inputs that change the scores and that ringpack does not apply: refused, never dropped.
+UNSUPPORTED_INPUTS = {"s_aux": "attention sinks", "sinks": "attention sinks", "position_bias": "a score bias",
+                      "head_mask": "a head mask", "alibi_slopes": "ALiBi slopes"}
 
 
 def register(name: str = NAME) -> str:
@@ -87,6 +90,10 @@ def ringpack_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     if kwargs.get("output_attentions"):
         raise ValueError("output_attentions=True is not supported by ringpack: attention weights are never "
                          "materialised; use attn_implementation='eager' to inspect them")
+    for name, what in UNSUPPORTED_INPUTS.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{name} ({what}) is not supported by ringpack attention: it would be ignored and the "
+                             "result wrong; use another attn_implementation for this model")
     if query.dim() != 4 or query.shape[0] != 1:
         raise ValueError(f"ringpack attention takes one packed row: query [1, heads, tokens, head_dim], got shape "
                          f"{tuple(query.shape)}; pack the batch with ringpack.packing.PackingCollator")
