@@ -10,7 +10,10 @@ documents, zigzag-style over every rank, as far as balance needs::
       rank 1: L1 L2  c c c          so each rank gets the same share of L's causal work
                                     at every ring step; the crumbs never leave their rank.
 
-Work is counted in visible (query, key) pairs under the mask, plus a fixed cost per tile.
+Two loads are balanced at once: attention work, counted in visible (query, key) pairs under the
+mask plus a fixed cost per tile, and tokens, which set the cost of everything else in a layer
+(projections, MLP, norms) and the activation memory. Balancing work alone would, for example,
+give a rank holding one long causal document a third of the tokens of its neighbour.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class CostModel:
 
     tile_overhead: int = 16384  # fixed cost of one tile (a kernel call, a partly filled block)
     target_imbalance: float = 1.02  # ``balanced`` stops cutting documents once max/mean work is below this
+    target_token_imbalance: float = 1.02  # ... and max/mean tokens too
 
 
 COST = CostModel()
@@ -77,8 +81,9 @@ def balanced(cu: tuple[int, ...], world: int, causal: bool, window: tuple[int, i
     """Whole documents where that balances; the largest documents zigzag-cut over every rank as needed.
 
     Tries cutting the ``k`` largest documents for growing ``k`` and keeps the first assignment whose
-    estimated max/mean work is under ``cost.target_imbalance`` (else the best one seen). Each try is a
-    longest-processing-time assignment of the whole documents on top of the evenly cut ones.
+    estimated max/mean work and max/mean tokens are both under their targets (else the one whose worse
+    ratio is lowest). Each try places the whole documents, largest first, on the rank whose larger
+    share of the mean (work or tokens) is lowest, on top of the evenly cut ones.
     Deterministic: ties are broken by document index and rank.
     """
     lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
@@ -86,18 +91,16 @@ def balanced(cu: tuple[int, ...], world: int, causal: bool, window: tuple[int, i
     if world == 1 or not docs:
         return [[(cu[d], lengths[d]) for d in docs]] + [[] for _ in range(world - 1)]
     whole_cost = {d: query_work(0, lengths[d], lengths[d], causal, window) + cost.tile_overhead for d in docs}
-    best: tuple[float, int, list[float], dict[int, int]] | None = None
+    best: tuple[float, int, dict[int, int]] | None = None
     k = 0
     while True:
-        loads, owner = _assign(docs, k, lengths, whole_cost, world, causal, window, cost)
-        mean = sum(loads) / world
-        imbalance = max(loads) / mean if mean else 1.0
-        if best is None or imbalance < best[0]:
-            best = (imbalance, k, loads, owner)
-        if imbalance <= cost.target_imbalance or k >= len(docs):
+        imbalance, owner = _assign(docs, k, lengths, whole_cost, world, causal, window, cost)
+        if best is None or max(imbalance) < best[0]:
+            best = (max(imbalance), k, owner)
+        if (imbalance[0] <= cost.target_imbalance and imbalance[1] <= cost.target_token_imbalance) or k >= len(docs):
             break
         k = k + 1 if k < 2 * world else min(len(docs), k * 2)
-    _, k, _, owner = best
+    _, k, owner = best
     cut = set(docs[:k])
     runs: Runs = [[] for _ in range(world)]
     for d, n in enumerate(lengths):
@@ -112,23 +115,36 @@ def balanced(cu: tuple[int, ...], world: int, causal: bool, window: tuple[int, i
 
 
 def _assign(docs, k, lengths, whole_cost, world, causal, window, cost):
-    """Cut ``docs[:k]`` over every rank, then place the rest whole on the least-loaded rank."""
-    loads = [0.0] * world
+    """Cut ``docs[:k]`` over every rank, then place the rest whole, each on the least-loaded rank.
+
+    A rank's load is the larger of its work and its tokens, each as a fraction of the mean. Returns
+    ``((max/mean work, max/mean tokens), {doc: rank})``.
+    """
+    work = [0.0] * world
+    tokens = [0] * world
     for d in docs[:k]:
         n = lengths[d]
         for r in range(world):
             chunks = _zigzag_chunks(0, n, world, r)
             # one tile per (own chunk, chunk elsewhere) pair at most: 2 chunks x 2 world chunks
-            loads[r] += sum(query_work(a, m, n, causal, window) for a, m in chunks) + 4 * world * cost.tile_overhead
-    heap = [(load, r) for r, load in enumerate(loads)]
+            work[r] += sum(query_work(a, m, n, causal, window) for a, m in chunks) + 4 * world * cost.tile_overhead
+            tokens[r] += sum(m for _, m in chunks)
+    mean_work = (sum(work) + sum(whole_cost[d] for d in docs[k:])) / world
+    mean_tokens = sum(lengths[d] for d in docs) / world
+
+    def load(r: int) -> float:
+        return max(work[r] / mean_work, tokens[r] / mean_tokens)
+
+    heap = [(load(r), r) for r in range(world)]
     heapq.heapify(heap)
     owner = {}
     for d in docs[k:]:
-        load, r = heapq.heappop(heap)
+        _, r = heapq.heappop(heap)
         owner[d] = r
-        loads[r] = load + whole_cost[d]
-        heapq.heappush(heap, (loads[r], r))
-    return loads, owner
+        work[r] += whole_cost[d]
+        tokens[r] += lengths[d]
+        heapq.heappush(heap, (load(r), r))
+    return (max(work) / mean_work, max(tokens) / mean_tokens), owner
 
 
 _STRATEGIES: dict[str, Callable[[tuple[int, ...], int, bool, tuple[int, int]], Runs]] = {

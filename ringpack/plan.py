@@ -291,15 +291,16 @@ def _index_by_doc(segs: tuple[Segment, ...]) -> dict[int, list[Segment]]:
 
 def _step(q_segs: tuple[Segment, ...], k_by_doc: dict[int, list[Segment]], source: int, causal: bool,
           window: tuple[int, int], *, compact: bool) -> Step:
-    tiles, segment_of = [], []  # tiles of one query segment may overlap after trimming: waves keep them apart
-    for qs in q_segs:
+    tiles, segment_of, doc_of = [], [], []  # tiles of one query segment may overlap after trimming: waves
+    for qs in q_segs:                           # keep them apart
         for ks in k_by_doc.get(qs.doc, ()):
             tile = _trimmed_tile(qs, ks, *band(qs.doc_offset, ks.doc_offset, causal, window))
             if tile is not None:
                 tiles.append(tile)
                 segment_of.append(qs.local_start)
+                doc_of.append(qs.doc)
     if not compact:
-        return Step(source=source, waves=_waves(tiles, segment_of))
+        return Step(source=source, waves=_waves(*_fuse_tiles(tiles, segment_of, doc_of)))
     runs = _merge_runs(sorted((t.k_start, t.k_len) for t in tiles))
     offsets, at = [], 0
     for _, length in runs:
@@ -311,7 +312,8 @@ def _step(q_segs: tuple[Segment, ...], k_by_doc: dict[int, list[Segment]], sourc
         i = bisect.bisect_right(starts, t.k_start) - 1
         return Tile(t.q_start, t.q_len, offsets[i] + t.k_start - starts[i], t.k_len, t.lo, t.hi, t.pairs)
 
-    return Step(source=source, waves=_waves([moved(t) for t in tiles], segment_of), recv_runs=tuple(runs))
+    return Step(source=source, waves=_waves(*_fuse_tiles([moved(t) for t in tiles], segment_of, doc_of)),
+                recv_runs=tuple(runs))
 
 
 def _trimmed_tile(qs: Segment, ks: Segment, lo: float, hi: float) -> Tile | None:
@@ -340,19 +342,66 @@ def _merge_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(a, n) for a, n in out]
 
 
-def _waves(tiles: list[Tile], segment_of: list[int]) -> tuple[Wave, ...]:
-    """Group tiles so that no two tiles of one wave come from the same query segment (first fit, order kept)."""
+def _fuse_tiles(tiles: list[Tile], segment_of: list[int],
+                doc_of: list[int]) -> tuple[list[Tile], list[frozenset[int]]]:
+    """Fuse consecutive tiles of one document whose union is one band over their bounding box.
+
+    A rank holding two zigzag chunks ``c0 c3`` of one document gets ``c0xc0``, ``c3xc0`` and ``c3xc3`` at
+    step 0: together one causal square over its shard, one kernel call instead of three::
+
+        c0xc0  .          x . . .
+        c3xc0  c3xc3  ->  x x . .     (local rows c0 c3, keys c0 c3)
+                          x x x .
+                          x x x x
+
+    ``tiles`` come in query-segment, then key-segment order, and the segments of one document are
+    adjacent in a shard, so only neighbours are tried. Two tiles fuse when the band of ``b - a`` spanning
+    both, over their bounding box, holds exactly their pairs (tiles of one step never share a pair, so
+    equal counts mean equal sets); a fused tile is again trimmed, since rows and keys between two that
+    see something see something too. Returns the tiles and, for each, the query segments it covers.
+    """
+    out: list[Tile] = []
+    covers: list[frozenset[int]] = []
+    last_doc = None
+    for t, seg, doc in zip(tiles, segment_of, doc_of):
+        fused = _fuse(out[-1], t) if doc == last_doc else None
+        if fused is None:
+            out.append(t)
+            covers.append(frozenset((seg,)))
+        else:
+            out[-1] = fused
+            covers[-1] = covers[-1] | {seg}
+        last_doc = doc
+    return out, covers
+
+
+def _fuse(a: Tile, b: Tile) -> Tile | None:
+    """The one band tile whose pairs are exactly those of ``a`` and ``b``, or None."""
+    q0, k0 = min(a.q_start, b.q_start), min(a.k_start, b.k_start)
+    q_len = max(a.q_start + a.q_len, b.q_start + b.q_len) - q0
+    k_len = max(a.k_start + a.k_len, b.k_start + b.k_len) - k0
+    # the band of each tile in rows of the bounding box, then the band spanning both
+    lo = min(a.lo + (a.k_start - k0) - (a.q_start - q0), b.lo + (b.k_start - k0) - (b.q_start - q0))
+    hi = max(a.hi + (a.k_start - k0) - (a.q_start - q0), b.hi + (b.k_start - k0) - (b.q_start - q0))
+    lo, hi = max(lo, 1 - q_len), min(hi, k_len - 1)
+    if band_pairs(q_len, k_len, lo, hi) != a.pairs + b.pairs:
+        return None
+    return Tile(q0, q_len, k0, k_len, lo, hi, a.pairs + b.pairs)
+
+
+def _waves(tiles: list[Tile], segment_of: list[frozenset[int]]) -> tuple[Wave, ...]:
+    """Group tiles so that no two tiles of one wave cover the same query segment (first fit, order kept)."""
     groups: list[list[Tile]] = []
     used: list[set[int]] = []
-    for t, seg in zip(tiles, segment_of):
+    for t, segs in zip(tiles, segment_of):
         for g, u in zip(groups, used):
-            if seg not in u:
+            if u.isdisjoint(segs):
                 g.append(t)
-                u.add(seg)
+                u.update(segs)
                 break
         else:
             groups.append([t])
-            used.append({seg})
+            used.append(set(segs))
     return tuple(Wave(tuple(g), (min(t.q_start for t in g), max(t.q_start + t.q_len for t in g)),
                       (min(t.k_start for t in g), max(t.k_start + t.k_len for t in g))) for g in groups)
 

@@ -17,7 +17,8 @@ a shift by ``s`` costs what a shift by 1 costs.
 
 Backward: the same rows travel again; the dK/dV of the rows received at step ``s`` go straight back
 to their owner (a shift by ``-s``), overlapped with the next step. Each tile's gradient uses the final
-``out`` and ``lse`` of the whole ring, so tiles are independent and exact.
+``out`` and ``lse`` of the whole ring, so tiles are independent and exact, and the backward runs the
+local step last, where it hides the last return.
 """
 
 from __future__ import annotations
@@ -52,13 +53,20 @@ def _prefetch(kv_N2KD: torch.Tensor, plan: Plan, ring: Ring, step: int) -> Pendi
 
 def _forward(q_NHD, k_NKD, v_NKD, plan: Plan, ring: Ring, backend: Backend, scale: float, softcap: float):
     acc = accumulation_dtype(q_NHD.dtype)
+    steps = plan.steps[ring.rank]
+    # When the first wave covers every row (the usual local step), its result is copied, not merged.
+    first = steps[0].waves[0] if steps[0].waves and steps[0].waves[0].q_span == (0, q_NHD.shape[0]) else None
     out_acc = torch.zeros(q_NHD.shape, dtype=acc, device=q_NHD.device)
     lse_acc = torch.full((q_NHD.shape[1], q_NHD.shape[0]), float("-inf"), dtype=acc, device=q_NHD.device)
     kv_N2KD = torch.stack((k_NKD, v_NKD), dim=1)
     buf_M2KD, pending = kv_N2KD, _prefetch(kv_N2KD, plan, ring, 1)
-    for s, step in enumerate(plan.steps[ring.rank]):
+    for s, step in enumerate(steps):
         for wave in step.waves:
             out, lse = backend.fwd(q_NHD, buf_M2KD[:, 0], buf_M2KD[:, 1], wave, scale=scale, softcap=softcap)
+            if wave is first:
+                out_acc.copy_(out)
+                lse_acc.copy_(lse)
+                continue
             a, b = wave.q_span
             merge_(out_acc[a:b], lse_acc[:, a:b], out, lse)
         if pending is not None:
@@ -69,7 +77,7 @@ def _forward(q_NHD, k_NKD, v_NKD, plan: Plan, ring: Ring, backend: Backend, scal
 
 def _backward(dout_NHD, dlse_HN, q_NHD, k_NKD, v_NKD, out_NHD, lse_HN, plan: Plan, ring: Ring,
               backend: Backend, scale: float, softcap: float):
-    rank = ring.rank
+    rank, world = ring.rank, plan.world_size
     acc = accumulation_dtype(q_NHD.dtype)
     dq_acc = torch.zeros(q_NHD.shape, dtype=acc, device=q_NHD.device)
     kv_N2KD = torch.stack((k_NKD, v_NKD), dim=1)
@@ -82,10 +90,18 @@ def _backward(dout_NHD, dlse_HN, q_NHD, k_NKD, v_NKD, out_NHD, lse_HN, plan: Pla
             dkv_N2KD[a:a + n] += grad_M2KD[at:at + n]
             at += n
 
-    buf_M2KD, pending = kv_N2KD, _prefetch(kv_N2KD, plan, ring, 1)
-    for s, step in enumerate(plan.steps[rank]):
-        grad_M2KD = dkv_N2KD if s == 0 else torch.zeros((step.recv_tokens, *kv_N2KD.shape[1:]), dtype=acc,
-                                                         device=q_NHD.device)
+    # Steps 1 .. P-1, then the local step 0: tiles are independent, and computing the local tiles last
+    # hides the return of the last remote step's dK/dV (fp32) behind them. The first fetch is exposed
+    # instead; it moves half the bytes (16-bit K/V).
+    pending = _prefetch(kv_N2KD, plan, ring, 1)
+    for s in (*range(1, world), 0):
+        step = plan.steps[rank][s]
+        if s == 0:
+            buf_M2KD, grad_M2KD = kv_N2KD, dkv_N2KD
+        else:
+            buf_M2KD = pending.wait()
+            pending = _prefetch(kv_N2KD, plan, ring, s + 1)
+            grad_M2KD = torch.zeros((step.recv_tokens, *kv_N2KD.shape[1:]), dtype=acc, device=q_NHD.device)
         for wave in step.waves:
             dq, dk, dv = backend.bwd(dout_NHD, q_NHD, buf_M2KD[:, 0], buf_M2KD[:, 1], out_NHD, lse_HN, dlse_HN,
                                      wave, scale=scale, softcap=softcap)
@@ -98,9 +114,6 @@ def _backward(dout_NHD, dlse_HN, q_NHD, k_NKD, v_NKD, out_NHD, lse_HN, plan: Pla
                                          q_NHD.device), s))
         if len(returning) > 1:
             take_back(*returning.pop(0))
-        if pending is not None:
-            buf_M2KD = pending.wait()
-            pending = _prefetch(kv_N2KD, plan, ring, s + 2)
     for item in returning:
         take_back(*item)
     return dq_acc.to(q_NHD.dtype), dkv_N2KD[:, 0].to(k_NKD.dtype), dkv_N2KD[:, 1].to(v_NKD.dtype)

@@ -34,6 +34,41 @@ def test_balanced_work_within_three_percent(mix, world):
         assert _imbalance(plan) <= 1.03, (mix, world, causal, window, _imbalance(plan))
 
 
+@pytest.mark.parametrize("world", [2, 4, 8])
+@pytest.mark.parametrize("mix", sorted(MIXES))
+def test_balanced_tokens_within_three_percent(mix, world):
+    """Work alone is not enough: a rank holding one long causal document would get a fraction of the tokens.
+
+    Tokens set the cost of the rest of a layer and the activation memory, so they are balanced too
+    (long-tail, 64k tokens, 2 ranks once split 16346 / 49190; giant-plus-crumbs with a window 3.8x).
+    A window makes the head of a cut document lighter than the rest, so there both bounds are looser,
+    and shards must be long against the window (64k tokens on 8 ranks against 4096 reach 1.05 / 1.06).
+    """
+    for total in (1 << 16, 1 << 18, 1 << 20):
+        for causal, window, bound in ((True, (-1, -1), 1.03), (False, (-1, -1), 1.03), (True, (4096, -1), 1.07)):
+            if window != (-1, -1) and total < 1 << 18:
+                continue
+            plan = ringpack.make_plan(ringpack.lengths_to_cu_seqlens(MIXES[mix](total)), world, causal=causal,
+                                      window_size=window)
+            tokens = plan.num_tokens
+            assert max(tokens) / (sum(tokens) / world) <= bound, (mix, total, world, causal, window, tokens)
+            assert _imbalance(plan) <= min(bound, 1.05), (mix, total, world, causal, window, _imbalance(plan))
+
+
+def test_chunks_of_one_document_fuse_into_one_tile_per_step():
+    """A rank's zigzag chunks c_r, c_(2P-1-r) of one causal document are one causal square at step 0 and
+    one full tile against each other rank: one kernel call per step, the same on every rank."""
+    n = 16384
+    plan = ringpack.make_plan([0, n], 2)
+    for r in range(2):
+        assert plan.tiles_per_step(r) == (1, 1)
+        assert plan.steps[r][0].tiles == (ringpack.plan.Tile(0, n // 2, 0, n // 2, 1 - n // 2, 0,
+                                                              n // 2 * (n // 2 + 1) // 2),)
+        assert plan.steps[r][1].tiles[0].full
+    plan = ringpack.make_plan([0, n], 4, strategy="zigzag")
+    assert all(plan.tiles_per_step(r) == (1, 1, 1, 1) for r in range(4))
+
+
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
 @pytest.mark.parametrize("mix", sorted(TEST_MIXES))
 def test_balanced_moves_no_more_than_zigzag(mix, world):

@@ -12,6 +12,8 @@ sequence with no key gives out 0 and lse +inf; GQA needs no repeated heads; the 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ringpack.backends import layout
@@ -30,16 +32,22 @@ def staged(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def device_int32(values, device: torch.device) -> torch.Tensor:
-    """A small host table of ints on ``device``, without a host sync."""
-    return staged(torch.tensor(values, dtype=torch.int32), device)
-
-
 def cumulative(lengths) -> list[int]:
     out = [0]
     for n in lengths:
         out.append(out[-1] + n)
     return out
+
+
+@functools.lru_cache(maxsize=4096)
+def cu_seqlens_on(group: layout.VarlenGroup, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int32 ``cu_seqlens_q`` and ``cu_seqlens_k`` of a varlen call on ``device``, staged once.
+
+    A plan is reused by every layer of a step, so each group's tables are copied to the device once
+    instead of twice per call (a pinned staging copy each, host time that a small ring step feels).
+    """
+    return tuple(staged(torch.tensor(cumulative(lens), dtype=torch.int32), device)
+                 for lens in (group.q_lens, group.k_lens))
 
 
 def gathered_keys(k_hull: torch.Tensor, group: layout.VarlenGroup) -> torch.Tensor:
@@ -106,9 +114,8 @@ class TorchFlashBackend(Backend):
         out = lse = None
         for g in layout.varlen_groups(wave):
             o, l_ = self.fwd_op(
-                q, gathered_keys(k_hull, g), gathered_keys(v_hull, g), device_int32(cumulative(g.q_lens), q.device),
-                device_int32(cumulative(g.k_lens), q.device), g.max_q, g.max_k, 0.0, g.causal, False,
-                scale=scale, window_size_left=g.left, window_size_right=g.right)[:2]
+                q, gathered_keys(k_hull, g), gathered_keys(v_hull, g), *cu_seqlens_on(g, q.device), g.max_q, g.max_k,
+                0.0, g.causal, False, scale=scale, window_size_left=g.left, window_size_right=g.right)[:2]
             # Rows this group does not compute are exactly 0 with lse +inf: add and take the minimum.
             out, lse = (o, l_) if out is None else (out.add_(o), torch.minimum(lse, l_))
         return out, lse.masked_fill_(lse == float("inf"), float("-inf"))
@@ -128,8 +135,7 @@ class TorchFlashBackend(Backend):
         for g in groups:
             kg, vg = gathered_keys(k_hull, g), gathered_keys(v_hull, g)
             dq_g, dk_g, dv_g = self.bwd_op(
-                dout, q, kg, vg, out, lse, device_int32(cumulative(g.q_lens), q.device),
-                device_int32(cumulative(g.k_lens), q.device), g.max_q, g.max_k, 0.0, g.causal, rng, unused,
+                dout, q, kg, vg, out, lse, *cu_seqlens_on(g, q.device), g.max_q, g.max_k, 0.0, g.causal, rng, unused,
                 scale=scale, window_size_left=g.left, window_size_right=g.right)
             if len(groups) == 1 and g.k_runs is None and g.k_offset == 0 and g.total_k == k1 - k0:
                 return dq_g, dk_g, dv_g  # the common case: one call covers both hulls exactly
