@@ -42,81 +42,114 @@ def _gather(x_N: torch.Tensor, runs: tuple[tuple[int, int], ...]) -> torch.Tenso
     return torch.cat([x_N[a:a + n] for a, n in runs]) if runs else x_N[:0]
 
 
-def _prefetch(kv_N2KD: torch.Tensor, plan: Plan, ring: Ring, step: int) -> Pending | None:
-    """Start the exchange of ``step``'s rows: ours to ``r + step``, ours-to-read from ``r - step``."""
+def _prefetch(kv_N2KD: torch.Tensor | None, k_NKD: torch.Tensor, plan: Plan, ring: Ring, step: int) -> Pending | None:
+    """Start the exchange of ``step``'s rows: ours to ``r + step``, ours-to-read from ``r - step``.
+
+    ``kv_N2KD`` is None on a rank that sends nothing at any step."""
     if step >= plan.world_size:
         return None
-    recv_tokens = plan.steps[ring.rank][step].recv_tokens
-    return ring.shift(_gather(kv_N2KD, plan.send_runs(ring.rank, step)), step,
-                      (recv_tokens, *kv_N2KD.shape[1:]), kv_N2KD.dtype, kv_N2KD.device)
+    runs = plan.send_runs(ring.rank, step)
+    return ring.shift(_gather(kv_N2KD, runs) if runs else None, step,
+                      (plan.steps[ring.rank][step].recv_tokens, 2, *k_NKD.shape[1:]), k_NKD.dtype, k_NKD.device)
+
+
+# Fixed costs matter at a few thousand tokens per GPU: every pass over a [N, H, D] fp32 accumulator
+# and every kernel launch shows. So the loops below allocate accumulators only where two results meet:
+# a rank whose work is one wave returns the kernel's own results, a first wave that covers every row
+# becomes the accumulator by one conversion (no zero fill), and k/v are stacked only when sent.
 
 
 def _forward(q_NHD, k_NKD, v_NKD, plan: Plan, ring: Ring, backend: Backend, scale: float, softcap: float):
+    rank, n = ring.rank, q_NHD.shape[0]
     acc = accumulation_dtype(q_NHD.dtype)
-    steps = plan.steps[ring.rank]
-    # When the first wave covers every row (the usual local step), its result is copied, not merged.
-    first = steps[0].waves[0] if steps[0].waves and steps[0].waves[0].q_span == (0, q_NHD.shape[0]) else None
-    out_acc = torch.zeros(q_NHD.shape, dtype=acc, device=q_NHD.device)
-    lse_acc = torch.full((q_NHD.shape[1], q_NHD.shape[0]), float("-inf"), dtype=acc, device=q_NHD.device)
-    kv_N2KD = torch.stack((k_NKD, v_NKD), dim=1)
-    buf_M2KD, pending = kv_N2KD, _prefetch(kv_N2KD, plan, ring, 1)
+    steps = plan.steps[rank]
+    only_wave = sum(len(step.waves) for step in steps) == 1
+    kv_N2KD = torch.stack((k_NKD, v_NKD), dim=1) if any(plan.send_tokens[rank]) else None
+    out_acc = lse_acc = None
+    pending = _prefetch(kv_N2KD, k_NKD, plan, ring, 1)
     for s, step in enumerate(steps):
-        for wave in step.waves:
-            out, lse = backend.fwd(q_NHD, buf_M2KD[:, 0], buf_M2KD[:, 1], wave, scale=scale, softcap=softcap)
-            if wave is first:
-                out_acc.copy_(out)
-                lse_acc.copy_(lse)
-                continue
-            a, b = wave.q_span
-            merge_(out_acc[a:b], lse_acc[:, a:b], out, lse)
-        if pending is not None:
+        if s == 0:
+            k_MKD, v_MKD = k_NKD, v_NKD
+        else:
             buf_M2KD = pending.wait()
-            pending = _prefetch(kv_N2KD, plan, ring, s + 2)
-    return out_acc.to(q_NHD.dtype), lse_acc
+            pending = _prefetch(kv_N2KD, k_NKD, plan, ring, s + 1)
+            k_MKD, v_MKD = buf_M2KD[:, 0], buf_M2KD[:, 1]
+        for wave in step.waves:
+            out, lse = backend.fwd(q_NHD, k_MKD, v_MKD, wave, scale=scale, softcap=softcap)
+            a, b = wave.q_span
+            if out_acc is None and (a, b) == (0, n):
+                out_acc, lse_acc = (out, lse) if only_wave else (out.to(acc, copy=True), lse.to(acc, copy=True))
+                continue
+            if out_acc is None:
+                out_acc = torch.zeros(q_NHD.shape, dtype=acc, device=q_NHD.device)
+                lse_acc = torch.full((q_NHD.shape[1], n), float("-inf"), dtype=acc, device=q_NHD.device)
+            merge_(out_acc[a:b], lse_acc[:, a:b], out, lse)
+    if out_acc is None:  # nothing visible on this rank
+        return torch.zeros_like(q_NHD), torch.full((q_NHD.shape[1], n), float("-inf"), dtype=acc,
+                                                    device=q_NHD.device)
+    return out_acc.to(q_NHD.dtype).contiguous(), lse_acc.to(acc).contiguous()
 
 
 def _backward(dout_NHD, dlse_HN, q_NHD, k_NKD, v_NKD, out_NHD, lse_HN, plan: Plan, ring: Ring,
               backend: Backend, scale: float, softcap: float):
-    rank, world = ring.rank, plan.world_size
+    rank, world, n = ring.rank, plan.world_size, q_NHD.shape[0]
     acc = accumulation_dtype(q_NHD.dtype)
-    dq_acc = torch.zeros(q_NHD.shape, dtype=acc, device=q_NHD.device)
-    kv_N2KD = torch.stack((k_NKD, v_NKD), dim=1)
-    dkv_N2KD = torch.zeros(kv_N2KD.shape, dtype=acc, device=q_NHD.device)
+    steps = plan.steps[rank]
+    only_wave = sum(len(step.waves) for step in steps) == 1
+    sends = any(plan.send_tokens[rank])
+    kv_N2KD = torch.stack((k_NKD, v_NKD), dim=1) if sends else None
+    # With nothing coming back and one local wave over every key, that wave's dK/dV are the answer.
+    local = steps[0].waves if steps else ()
+    direct_kv = not sends and len(local) == 1 and local[0].k_span == (0, n)
+    dkv_N2KD = None if direct_kv else torch.zeros((n, 2, *k_NKD.shape[1:]), dtype=acc, device=q_NHD.device)
+    dq_acc = dk_local = dv_local = None
     returning: list[tuple[Pending, int]] = []  # dK/dV of our rows coming back, with the step that sent them
 
     def take_back(pending: Pending, step: int) -> None:
         grad_M2KD, at = pending.wait(), 0
-        for a, n in plan.send_runs(rank, step):
-            dkv_N2KD[a:a + n] += grad_M2KD[at:at + n]
-            at += n
+        for a, m in plan.send_runs(rank, step):
+            dkv_N2KD[a:a + m] += grad_M2KD[at:at + m]
+            at += m
 
     # Steps 1 .. P-1, then the local step 0: tiles are independent, and computing the local tiles last
     # hides the return of the last remote step's dK/dV (fp32) behind them. The first fetch is exposed
     # instead; it moves half the bytes (16-bit K/V).
-    pending = _prefetch(kv_N2KD, plan, ring, 1)
+    pending = _prefetch(kv_N2KD, k_NKD, plan, ring, 1)
     for s in (*range(1, world), 0):
-        step = plan.steps[rank][s]
+        step = steps[s]
         if s == 0:
-            buf_M2KD, grad_M2KD = kv_N2KD, dkv_N2KD
+            k_MKD, v_MKD, grad_M2KD = k_NKD, v_NKD, dkv_N2KD
         else:
             buf_M2KD = pending.wait()
-            pending = _prefetch(kv_N2KD, plan, ring, s + 1)
-            grad_M2KD = torch.zeros((step.recv_tokens, *kv_N2KD.shape[1:]), dtype=acc, device=q_NHD.device)
+            pending = _prefetch(kv_N2KD, k_NKD, plan, ring, s + 1)
+            k_MKD, v_MKD = buf_M2KD[:, 0], buf_M2KD[:, 1]
+            grad_M2KD = torch.zeros((step.recv_tokens, 2, *k_NKD.shape[1:]), dtype=acc, device=q_NHD.device)
         for wave in step.waves:
-            dq, dk, dv = backend.bwd(dout_NHD, q_NHD, buf_M2KD[:, 0], buf_M2KD[:, 1], out_NHD, lse_HN, dlse_HN,
-                                     wave, scale=scale, softcap=softcap)
+            dq, dk, dv = backend.bwd(dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN, wave, scale=scale,
+                                     softcap=softcap)
             (q0, q1), (k0, k1) = wave.q_span, wave.k_span
-            dq_acc[q0:q1] += dq
-            grad_M2KD[k0:k1, 0] += dk
-            grad_M2KD[k0:k1, 1] += dv
+            if dq_acc is None and (q0, q1) == (0, n):
+                dq_acc = dq if only_wave else dq.to(acc, copy=True)
+            else:
+                if dq_acc is None:
+                    dq_acc = torch.zeros(q_NHD.shape, dtype=acc, device=q_NHD.device)
+                dq_acc[q0:q1] += dq
+            if grad_M2KD is None:
+                dk_local, dv_local = dk, dv
+            else:
+                grad_M2KD[k0:k1, 0] += dk
+                grad_M2KD[k0:k1, 1] += dv
         if s > 0:
-            returning.append((ring.shift(grad_M2KD, -s, (plan.send_tokens[rank][s], *kv_N2KD.shape[1:]), acc,
+            returning.append((ring.shift(grad_M2KD, -s, (plan.send_tokens[rank][s], 2, *k_NKD.shape[1:]), acc,
                                          q_NHD.device), s))
         if len(returning) > 1:
             take_back(*returning.pop(0))
     for item in returning:
         take_back(*item)
-    return dq_acc.to(q_NHD.dtype), dkv_N2KD[:, 0].to(k_NKD.dtype), dkv_N2KD[:, 1].to(v_NKD.dtype)
+    dq = torch.zeros_like(q_NHD) if dq_acc is None else dq_acc.to(q_NHD.dtype).contiguous()
+    if direct_kv:
+        return dq, dk_local.to(k_NKD.dtype).contiguous(), dv_local.to(v_NKD.dtype).contiguous()
+    return dq, dkv_N2KD[:, 0].to(k_NKD.dtype), dkv_N2KD[:, 1].to(v_NKD.dtype)
 
 
 class RingAttention(torch.autograd.Function):

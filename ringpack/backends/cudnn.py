@@ -36,6 +36,16 @@ def _as_SHD(x_1HSD: torch.Tensor) -> torch.Tensor:
     return x_1HSD[0].transpose(0, 1)
 
 
+def _partition(start: int, stop: int, starts: list[int], lengths: list[int]) -> bool:
+    """Whether the runs ``(starts[i], lengths[i])``, in order, cover ``[start, stop)`` exactly."""
+    at = start
+    for a, n in zip(starts, lengths):
+        if a != at:
+            return False
+        at += n
+    return at == stop
+
+
 class CudnnBackend(Backend):
     name = "cudnn"
     min_tile_pairs = MIN_TILE_PAIRS
@@ -81,8 +91,11 @@ class CudnnBackend(Backend):
                 _as_1HSD(v_MKD[kt.k_start:kt.k_start + kt.k_len]), None, True, 0.0, kt.causal_square, False,
                 scale=scale)[:2]
             results.append((kt, _as_SHD(o), lse.reshape(lse.shape[1], lse.shape[2])))
-        if len(results) == 1 and results[0][0].q_start == q0 and results[0][0].q_len == q1 - q0:
-            return results[0][1], results[0][2]
+        if _partition(q0, q1, [kt.q_start for kt, _, _ in results], [kt.q_len for kt, _, _ in results]):
+            # the tiles cover the query hull in order (one tile, or documents on the diagonal): no assembly
+            if len(results) == 1:
+                return results[0][1], results[0][2]
+            return torch.cat([o for _, o, _ in results]), torch.cat([l_ for _, _, l_ in results], dim=1)
         out = q_NHD.new_zeros((q1 - q0, *q_NHD.shape[1:]))
         lse = torch.full((q_NHD.shape[1], q1 - q0), float("-inf"), dtype=accumulation_dtype(q_NHD.dtype),
                          device=q_NHD.device)
@@ -107,10 +120,13 @@ class CudnnBackend(Backend):
                 _as_1HSD(dout), _as_1HSD(q_NHD[rows]), _as_1HSD(k_MKD[keys]), _as_1HSD(v_MKD[keys]), _as_1HSD(out),
                 lse, seed, seed, None, None, None, kt.q_len, kt.k_len, 0.0, kt.causal_square, scale=scale)
             grads.append((kt, _as_SHD(dq), _as_SHD(dk), _as_SHD(dv)))
-        if len(grads) == 1:
-            kt = grads[0][0]
-            if (kt.q_start, kt.q_len, kt.k_start, kt.k_len) == (q0, q1 - q0, k0, k1 - k0):
+        kts = [g[0] for g in grads]
+        if (_partition(q0, q1, [kt.q_start for kt in kts], [kt.q_len for kt in kts])
+                and _partition(k0, k1, [kt.k_start for kt in kts], [kt.k_len for kt in kts])):
+            # rows and keys both covered in order by disjoint tiles: gradients line up, nothing to add
+            if len(grads) == 1:
                 return grads[0][1:]
+            return tuple(torch.cat([g[i] for g in grads]) for i in (1, 2, 3))
         acc = accumulation_dtype(q_NHD.dtype)
         dq_acc = torch.zeros((q1 - q0, *q_NHD.shape[1:]), dtype=acc, device=q_NHD.device)
         dk_acc = torch.zeros((k1 - k0, *k_MKD.shape[1:]), dtype=acc, device=q_NHD.device)

@@ -48,8 +48,11 @@ class KernelTile:
         return self.q_len == self.k_len and self.left == -1 and self.right == 0
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def trim(tile: Tile) -> KernelTile:
-    """Cut ``tile`` to its visible rows and keys and express its band as a bottom-right window."""
+    """Cut ``tile`` to its visible rows and keys and express its band as a bottom-right window.
+
+    Cached: every layer asks again for the same tiles of the same plan."""
     lo, hi = max(tile.lo, 1 - tile.q_len), min(tile.hi, tile.k_len - 1)
     if lo > hi:
         raise ValueError(f"tile {tile} sees no key; the plan should not have made it")
