@@ -1,12 +1,14 @@
 """Where a ring step's time goes: per-rank device and host times and torch.profiler's op table.
 
 One process per GPU (NCCL), ``--tokens-per-gpu * P`` tokens of causal documents of ``--doc-len`` tokens
-(0: one document), Llama-3-8B attention shape (32 query heads, 8 KV heads, head dim 128), bf16. For each
+(0: one document) or of the long-tail mix (``--mix long_tail``); ``--world 1`` profiles the one-GPU run
+the ring is compared with. Llama-3-8B attention shape (32 query heads, 8 KV heads, head dim 128), bf16. For each
 rank, ``--out`` gets: forward and backward time on the GPU (CUDA events, median of ``--reps``), the host
 time spent issuing them (when it is close to the GPU time, the ring is host-bound), and the profiler's
 table of the ops, sorted by CUDA time.
 
     python benchmarks/profile_ring.py --tokens-per-gpu 8192 --doc-len 2048 --out profile.txt
+    python benchmarks/profile_ring.py --world 1 --tokens-per-gpu 16384 --mix long_tail --out profile.txt
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.distributed as dist
 from ringpack import lengths_to_cu_seqlens, make_plan, shard
 from ringpack.backends import AttnSpec, select_backend
 from ringpack.comm import Ring
-from ringpack.mixes import uniform
+from ringpack.mixes import long_tail, uniform
 from ringpack.ring import RingAttention
 
 
@@ -34,7 +36,8 @@ def _worker(rank: int, world: int, args: argparse.Namespace, rendezvous: str) ->
     dist.init_process_group("nccl", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
                             device_id=device)
     total = args.tokens_per_gpu * world
-    plan = make_plan(lengths_to_cu_seqlens(uniform(total, args.doc_len or total)), world, strategy=args.strategy)
+    lengths = long_tail(total, seed=0) if args.mix == "long_tail" else uniform(total, args.doc_len or total)
+    plan = make_plan(lengths_to_cu_seqlens(lengths), world, strategy=args.strategy)
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(total, h, 128, device=device, dtype=torch.bfloat16, generator=gen) for h in (32, 8, 8))
     q, k, v = (shard(x, plan, rank).clone().requires_grad_() for x in (q, k, v))
@@ -70,7 +73,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace, rendezvous: str) ->
             step(times)
     fwd, bwd, host_fwd, host_bwd = (statistics.median(t[i] for t in times) for i in range(4))
     lines = [f"== rank {rank} of {world}, {args.backend}, {args.strategy}, {args.tokens_per_gpu} tokens/GPU, "
-             f"documents of {args.doc_len or total} tokens, tiles per step {plan.tiles_per_step(rank)}, "
+             f"{len(lengths)} documents ({args.mix}), tiles per step {plan.tiles_per_step(rank)}, "
              f"KV tokens received per step {[s.recv_tokens for s in plan.steps[rank]]}",
              f"GPU: forward {fwd:.3f} ms, backward {bwd:.3f} ms; host issuing them: {host_fwd:.3f} ms, "
              f"{host_bwd:.3f} ms (median of {args.reps})", "",
@@ -90,7 +93,8 @@ def main() -> None:
     p.add_argument("--strategy", default="balanced")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--world", type=int, default=None)
-    p.add_argument("--doc-len", type=int, default=0, help="document length (0: one document)")
+    p.add_argument("--mix", choices=("uniform", "long_tail"), default="uniform")
+    p.add_argument("--doc-len", type=int, default=0, help="uniform mix: document length (0: one document)")
     p.add_argument("--out", default="profile.txt", help="file to append the report to")
     args = p.parse_args()
     world = args.world or torch.cuda.device_count()

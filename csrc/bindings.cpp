@@ -37,10 +37,11 @@ std::string merge_(torch::Tensor out_acc, torch::Tensor lse_acc, torch::Tensor o
   RINGPACK_CHECK(lse_acc.dim() == 2 && lse.dim() == 2 && lse_acc.size(0) == heads && lse_acc.size(1) == rows &&
                      lse.sizes() == lse_acc.sizes(),
                  "ringpack merge_: lse_acc and lse must be [H, T] for out [T, H, D]");
-  RINGPACK_CHECK(out_acc.scalar_type() == at::kFloat && lse_acc.scalar_type() == at::kFloat,
-                 "ringpack merge_: accumulators must be float32");
+  RINGPACK_CHECK(lse_acc.scalar_type() == at::kFloat, "ringpack merge_: lse_acc must be float32");
   RINGPACK_CHECK(lse.scalar_type() == at::kFloat, "ringpack merge_: lse must be float32");
   RINGPACK_CHECK(is_16_or_32_bit_float(out), "ringpack merge_: out must be float32, float16 or bfloat16");
+  RINGPACK_CHECK(out_acc.scalar_type() == at::kFloat || out_acc.scalar_type() == out.scalar_type(),
+                 "ringpack merge_: out_acc must be float32 or out's dtype");
   RINGPACK_CHECK(dim == 0 || (out_acc.stride(2) == 1 && out.stride(2) == 1),
                  "ringpack merge_: out_acc and out must have unit stride along the head dim (last)");
   RINGPACK_CHECK(rows * heads * 32 / 256 < 0x7fffffffLL, "ringpack merge_: too many rows x heads for one launch");
@@ -78,7 +79,8 @@ std::string copy_runs_(torch::Tensor dst, torch::Tensor src, torch::Tensor src_s
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("merge_", &merge_,
-        "merge_(out_acc[T,H,D] f32, lse_acc[H,T] f32, out[T,H,D], lse[H,T] f32): fused exact in-place merge; "
+        "merge_(out_acc[T,H,D] f32 or out's dtype, lse_acc[H,T] f32, out[T,H,D], lse[H,T] f32): fused exact "
+        "in-place merge; "
         "returns \"\" or the broken constraint (call ringpack._ext.merge_cuda, which checks first)",
         py::arg("out_acc"), py::arg("lse_acc"), py::arg("out"), py::arg("lse"));
   m.def("copy_runs_", &copy_runs_,

@@ -25,13 +25,16 @@ def available() -> bool:
 def merge_(out_acc_THD: torch.Tensor, lse_acc_HT: torch.Tensor, out_THD: torch.Tensor, lse_HT: torch.Tensor) -> bool:
     """Fused in-place merge on CUDA; False when the extension is absent or the dtypes are not its own.
 
-    The kernel takes fp32 accumulators, a float32/float16/bfloat16 partial and an fp32 lse; row and head
-    strides are free (row-slices and ``[:, a:b]`` views work), the head dim must have unit stride.
-    fp64 accumulators (float64 inputs) take the torch path in ``merge.merge_``.
+    The kernel takes a float32/float16/bfloat16 partial, an fp32 lse and lse accumulator, and an output
+    accumulator in fp32 or in the partial's dtype; row and head strides are free (row-slices and
+    ``[:, a:b]`` views work), the head dim must have unit stride. fp64 accumulators (float64 inputs)
+    take the torch path in ``merge.merge_``.
     """
     if _C is None or not out_THD.is_cuda:
         return False
-    if out_acc_THD.dtype != torch.float32 or lse_acc_HT.dtype != torch.float32 or lse_HT.dtype != torch.float32:
+    if out_acc_THD.dtype not in (torch.float32, out_THD.dtype):
+        return False
+    if lse_acc_HT.dtype != torch.float32 or lse_HT.dtype != torch.float32:
         return False
     if out_THD.dtype not in _MERGE_OUT_DTYPES:
         return False
@@ -59,13 +62,15 @@ def merge_cuda(out_acc_THD: torch.Tensor, lse_acc_HT: torch.Tensor, out_THD: tor
     if lse_acc_HT.shape != (heads, rows) or lse_HT.shape != (heads, rows):
         raise ValueError(f"ringpack merge_: lse_acc {tuple(lse_acc_HT.shape)} and lse {tuple(lse_HT.shape)} must be "
                          f"[H, T] = [{heads}, {rows}]")
-    if out_acc_THD.dtype != torch.float32 or lse_acc_HT.dtype != torch.float32:
-        raise ValueError(f"ringpack merge_: accumulators must be float32, got {out_acc_THD.dtype} and "
-                         f"{lse_acc_HT.dtype}")
+    if lse_acc_HT.dtype != torch.float32:
+        raise ValueError(f"ringpack merge_: lse_acc must be float32, got {lse_acc_HT.dtype}")
     if lse_HT.dtype != torch.float32:
         raise ValueError(f"ringpack merge_: lse must be float32, got {lse_HT.dtype}")
     if out_THD.dtype not in _MERGE_OUT_DTYPES:
         raise ValueError(f"ringpack merge_: out must be float32, float16 or bfloat16, got {out_THD.dtype}")
+    if out_acc_THD.dtype not in (torch.float32, out_THD.dtype):
+        raise ValueError(f"ringpack merge_: out_acc must be float32 or out's dtype ({out_THD.dtype}), got "
+                         f"{out_acc_THD.dtype}")
     if out_THD.shape[2] and (out_acc_THD.stride(2) != 1 or out_THD.stride(2) != 1):
         raise ValueError("ringpack merge_: out_acc and out must have unit stride along the head dim (last), got "
                          f"strides {out_acc_THD.stride()} and {out_THD.stride()}")

@@ -51,7 +51,8 @@ class Config:
     backends: tuple[str, ...]  # ring efficiency backends
     kernel_backends: tuple[str, ...]  # local-kernel throughput backends
     kernel_tokens: int  # tokens of the local-kernel batches
-    reps: int  # timed repetitions after one warm-up
+    reps: int  # the fewest timed calls per round (see Runner.timed)
+    min_round_s: float  # a timed round lasts at least this long (up to MAX_REPS calls)
     budget_s: float  # sections left when this is spent are skipped (and listed as skipped)
     million: int  # tokens of the one-document memory run (0 skips it)
     sections: tuple[str, ...]
@@ -59,6 +60,9 @@ class Config:
     device: str  # "cuda" or "cpu" (dry run)
     out: str
 
+
+MAX_REPS = 200  # timed calls per round at most
+SHORT_ROUNDS = 5  # rounds (median taken) when ``reps`` calls take less than ``min_round_s``
 
 SECTIONS = ("ring", "million", "kernel", "overlap", "strategy")
 
@@ -128,25 +132,40 @@ class Runner:
         return bool(flag.item())
 
     def timed(self, fn, *, collective: bool = True) -> float:
-        """Seconds per call of ``fn`` (two warm-ups, ``reps`` timed), the max over ranks when collective.
+        """Seconds per call of ``fn``, the max over ranks when collective.
 
-        Two warm-ups: a compiled backend (flex) may compile again on its second call, when torch.compile
-        turns sizes dynamic; one warm-up left that compile inside flex's timed forward on 2026-11-23."""
-        fn()
+        Two warm-ups (a compiled backend, flex, may compile again on its second call, when torch.compile turns
+        sizes dynamic; one warm-up left that compile inside flex's timed forward on 2026-11-23). Then rounds of
+        at least ``reps`` calls and ``min_round_s`` seconds; short calls get five rounds and their median, since
+        a few milliseconds timed once moved by 5% between runs on 2026-11-23."""
         fn()
         self.sync()
-        if collective and self.world > 1:
-            dist.barrier()
         t = time.perf_counter()
-        for _ in range(self.cfg.reps):
-            fn()
+        fn()
         self.sync()
-        seconds = (time.perf_counter() - t) / self.cfg.reps
-        if collective and self.world > 1:
-            s = torch.tensor([seconds], device=self.device, dtype=torch.float64)
-            dist.all_reduce(s, op=dist.ReduceOp.MAX)
-            seconds = float(s.item())
-        return seconds
+        first = time.perf_counter() - t
+        short = first * self.cfg.reps < self.cfg.min_round_s
+        reps = max(self.cfg.reps, min(MAX_REPS, math.ceil(self.cfg.min_round_s / max(first, 1e-6))))
+        if collective and self.world > 1:  # every rank runs the same rounds of the same number of calls
+            n = torch.tensor([reps, int(short)], device=self.device)
+            dist.all_reduce(n, op=dist.ReduceOp.MAX)
+            reps, short = int(n[0].item()), bool(n[1].item())
+        rounds = SHORT_ROUNDS if short else 1
+        times = []
+        for _ in range(rounds):
+            if collective and self.world > 1:
+                dist.barrier()
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            self.sync()
+            seconds = (time.perf_counter() - t) / reps
+            if collective and self.world > 1:
+                s = torch.tensor([seconds], device=self.device, dtype=torch.float64)
+                dist.all_reduce(s, op=dist.ReduceOp.MAX)
+                seconds = float(s.item())
+            times.append(seconds)
+        return sorted(times)[len(times) // 2]
 
     def on_rank0(self, fn) -> float:
         """Run a one-GPU measurement on rank 0 while the others wait; everyone gets the result."""
@@ -550,7 +569,9 @@ def add_bench_parser(sub) -> None:
                    help="ring backends; the last one also runs the overlap, memory and strategy sections")
     p.add_argument("--kernel-backends", type=_names(names), default=("torch_flash", "cudnn", "flex", "auto"))
     p.add_argument("--kernel-tokens", type=int, default=32768)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=3, help="the fewest timed calls per round")
+    p.add_argument("--min-round-s", type=float, default=0.1,
+                   help="a timed round lasts at least this long; shorter calls are timed in 5 rounds, median kept")
     p.add_argument("--budget-s", type=float, default=420.0)
     p.add_argument("--million", type=int, default=1 << 20, help="tokens of the one-document memory run (0: skip)")
     p.add_argument("--sections", type=_names(SECTIONS), default=SECTIONS)
@@ -564,8 +585,9 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.dry_run:
         world = args.world or 2
         cfg = Config(tokens_per_gpu=(64, 128), backends=("reference",), kernel_backends=("reference",),
-                     kernel_tokens=128, reps=1, budget_s=args.budget_s, million=512 if args.million else 0,
-                     sections=args.sections, shape=Shape(4, 2, 16, "float32"), device="cpu", out=args.out)
+                     kernel_tokens=128, reps=1, min_round_s=0.0, budget_s=args.budget_s,
+                     million=512 if args.million else 0, sections=args.sections, shape=Shape(4, 2, 16, "float32"),
+                     device="cpu", out=args.out)
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench: CUDA is not available; use --dry-run to check the script on the CPU")
@@ -573,8 +595,9 @@ def run_bench(args: argparse.Namespace) -> int:
         if not 1 <= world <= torch.cuda.device_count():
             raise SystemExit(f"bench: --world {world} but {torch.cuda.device_count()} GPUs are visible")
         cfg = Config(tokens_per_gpu=args.tokens_per_gpu, backends=args.backends, kernel_backends=args.kernel_backends,
-                     kernel_tokens=args.kernel_tokens, reps=args.reps, budget_s=args.budget_s, million=args.million,
-                     sections=args.sections, shape=Shape(), device="cuda", out=args.out)
+                     kernel_tokens=args.kernel_tokens, reps=args.reps, min_round_s=args.min_round_s,
+                     budget_s=args.budget_s, million=args.million, sections=args.sections, shape=Shape(),
+                     device="cuda", out=args.out)
     with tempfile.TemporaryDirectory() as tmp:
         torch.multiprocessing.spawn(_worker, args=(world, cfg, os.path.join(tmp, "rendezvous")), nprocs=world)
     print(f"bench: results in {cfg.out}")

@@ -25,7 +25,12 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def merge_(out_acc_THD: torch.Tensor, lse_acc_HT: torch.Tensor, out_THD: torch.Tensor,
            lse_HT: torch.Tensor) -> None:
-    """Merge ``(out_THD, lse_HT)`` into the accumulators in place (accumulators in fp32 or fp64)."""
+    """Merge ``(out_THD, lse_HT)`` into the accumulators in place.
+
+    ``lse_acc_HT`` is fp32 or fp64. ``out_acc_THD`` is fp32 or fp64, or ``out_THD``'s 16-bit dtype for a
+    row's last merge: the arithmetic stays fp32 and the result is rounded once, exactly as an fp32
+    accumulator converted afterwards would be.
+    """
     assert out_acc_THD.shape == out_THD.shape and lse_acc_HT.shape == lse_HT.shape, "merge_: shape mismatch"
     if out_THD.is_cuda and _ext.merge_(out_acc_THD, lse_acc_HT, out_THD, lse_HT):
         return
@@ -40,4 +45,7 @@ def merge_(out_acc_THD: torch.Tensor, lse_acc_HT: torch.Tensor, out_THD: torch.T
     inv = torch.where(total > 0, 1.0 / total, torch.zeros_like(total))
     w_a = (w_a * inv).t().unsqueeze(-1)
     w_b = (w_b * inv).t().unsqueeze(-1)
-    out_acc_THD.mul_(w_a).add_(out_THD.to(out_acc_THD.dtype) * w_b)
+    if out_acc_THD.dtype == accumulation_dtype(out_acc_THD.dtype):
+        out_acc_THD.mul_(w_a).add_(out_THD.to(out_acc_THD.dtype) * w_b)
+    else:  # a 16-bit accumulator: compute in the lse's precision, round once
+        out_acc_THD.copy_(out_acc_THD.to(w_a.dtype) * w_a + out_THD.to(w_a.dtype) * w_b)

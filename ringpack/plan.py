@@ -154,6 +154,22 @@ class Plan:
         return tuple(tuple(sum(n for _, n in self.send_runs(r, s)) for s in range(self.world_size))
                      for r in range(self.world_size))
 
+    @functools.cached_property
+    def query_depth(self) -> tuple[int, ...]:
+        """Per rank, the most partial results one query row receives: the waves (of all steps) covering it.
+
+        A wave's tiles have disjoint rows, so each wave gives a row at most one partial ``out``/``dq``."""
+        depths = []
+        for steps in self.steps:
+            edges = sorted((t.q_start + t.q_len * end, -1 if end else 1)
+                           for step in steps for t in step.tiles for end in (0, 1))
+            depth = deepest = 0
+            for _, d in edges:  # at a shared edge, ends (-1) sort before starts
+                depth += d
+                deepest = max(deepest, depth)
+            depths.append(deepest)
+        return tuple(depths)
+
     def tiles_per_step(self, rank: int) -> tuple[int, ...]:
         return tuple(len(step.tiles) for step in self.steps[rank])
 

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from ringpack import ops
 from ringpack.backends import AttnSpec, Backend, select_backend
 from ringpack.comm import Pending, Ring
-from ringpack.merge import accumulation_dtype, merge_
+from ringpack.merge import accumulation_dtype
 from ringpack.plan import Plan, validate_window
 
 
@@ -56,12 +56,27 @@ def _prefetch(kv_N2KD: torch.Tensor | None, k_NKD: torch.Tensor, plan: Plan, rin
 # Fixed costs matter at a few thousand tokens per GPU: every pass over a [N, H, D] fp32 accumulator
 # and every kernel launch shows. So the loops below allocate accumulators only where two results meet:
 # a rank whose work is one wave returns the kernel's own results, a first wave that covers every row
-# becomes the accumulator by one conversion (no zero fill), and k/v are stacked only when sent.
+# becomes the accumulator by one conversion (no zero fill), and k/v are stacked only when sent. A wave
+# whose results come in pieces (``auto`` splitting it between kernels, cuDNN tiles off the diagonal)
+# merges each piece straight into the accumulators instead of assembling it first.
+
+
+# A row whose results come from at most this many kernels is accumulated in the input dtype: adding
+# (or merging, computed in fp32) two 16-bit partials and rounding once gives exactly the bits of an
+# fp32 accumulator rounded at the end, with no fp32 copy, pass or conversion. Deeper rows use fp32.
+ROUND_ONCE_DEPTH = 2
+
+
+def _whole(wave, n: int, only_wave: bool, backend: Backend) -> bool:
+    """Whether a first ``wave`` becomes the accumulators as it is: it covers all ``n`` rows, and it is the
+    rank's only wave or its results come in one piece."""
+    return wave.q_span == (0, n) and (only_wave or not backend.assembles(wave))
 
 
 def _forward(q_NHD, k_NKD, v_NKD, plan: Plan, ring: Ring, backend: Backend, scale: float, softcap: float):
     rank, n = ring.rank, q_NHD.shape[0]
     acc = accumulation_dtype(q_NHD.dtype)
+    out_dtype = q_NHD.dtype if plan.query_depth[rank] <= ROUND_ONCE_DEPTH else acc
     steps = plan.steps[rank]
     only_wave = sum(len(step.waves) for step in steps) == 1
     kv_N2KD = torch.stack((k_NKD, v_NKD), dim=1) if any(plan.send_tokens[rank]) else None
@@ -75,15 +90,14 @@ def _forward(q_NHD, k_NKD, v_NKD, plan: Plan, ring: Ring, backend: Backend, scal
             pending = _prefetch(kv_N2KD, k_NKD, plan, ring, s + 1)
             k_MKD, v_MKD = buf_M2KD[:, 0], buf_M2KD[:, 1]
         for wave in step.waves:
-            out, lse = backend.fwd(q_NHD, k_MKD, v_MKD, wave, scale=scale, softcap=softcap)
-            a, b = wave.q_span
-            if out_acc is None and (a, b) == (0, n):
-                out_acc, lse_acc = (out, lse) if only_wave else (out.to(acc, copy=True), lse.to(acc, copy=True))
+            if out_acc is None and _whole(wave, n, only_wave, backend):
+                out, lse = backend.fwd(q_NHD, k_MKD, v_MKD, wave, scale=scale, softcap=softcap)
+                out_acc, lse_acc = (out, lse) if only_wave else (out.to(out_dtype), lse.to(acc))
                 continue
             if out_acc is None:
-                out_acc = torch.zeros(q_NHD.shape, dtype=acc, device=q_NHD.device)
+                out_acc = torch.zeros(q_NHD.shape, dtype=out_dtype, device=q_NHD.device)
                 lse_acc = torch.full((q_NHD.shape[1], n), float("-inf"), dtype=acc, device=q_NHD.device)
-            merge_(out_acc[a:b], lse_acc[:, a:b], out, lse)
+            backend.fwd_merge_(out_acc, lse_acc, q_NHD, k_MKD, v_MKD, wave, scale=scale, softcap=softcap)
     if out_acc is None:  # nothing visible on this rank
         return torch.zeros_like(q_NHD), torch.full((q_NHD.shape[1], n), float("-inf"), dtype=acc,
                                                     device=q_NHD.device)
@@ -94,6 +108,7 @@ def _backward(dout_NHD, dlse_HN, q_NHD, k_NKD, v_NKD, out_NHD, lse_HN, plan: Pla
               backend: Backend, scale: float, softcap: float):
     rank, world, n = ring.rank, plan.world_size, q_NHD.shape[0]
     acc = accumulation_dtype(q_NHD.dtype)
+    dq_dtype = q_NHD.dtype if plan.query_depth[rank] <= ROUND_ONCE_DEPTH and backend.grads_in_input_dtype else acc
     steps = plan.steps[rank]
     only_wave = sum(len(step.waves) for step in steps) == 1
     sends = any(plan.send_tokens[rank])
@@ -125,14 +140,20 @@ def _backward(dout_NHD, dlse_HN, q_NHD, k_NKD, v_NKD, out_NHD, lse_HN, plan: Pla
             k_MKD, v_MKD = buf_M2KD[:, 0], buf_M2KD[:, 1]
             grad_M2KD = torch.zeros((step.recv_tokens, 2, *k_NKD.shape[1:]), dtype=acc, device=q_NHD.device)
         for wave in step.waves:
+            if grad_M2KD is not None and not (dq_acc is None and _whole(wave, n, only_wave, backend)):
+                if dq_acc is None:
+                    dq_acc = torch.zeros(q_NHD.shape, dtype=dq_dtype, device=q_NHD.device)
+                backend.bwd_add_(dq_acc, grad_M2KD[:, 0], grad_M2KD[:, 1], dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD,
+                                 lse_HN, dlse_HN, wave, scale=scale, softcap=softcap)
+                continue
             dq, dk, dv = backend.bwd(dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN, wave, scale=scale,
                                      softcap=softcap)
             (q0, q1), (k0, k1) = wave.q_span, wave.k_span
             if dq_acc is None and (q0, q1) == (0, n):
-                dq_acc = dq if only_wave else dq.to(acc, copy=True)
+                dq_acc = dq if only_wave else dq.to(dq_dtype)
             else:
                 if dq_acc is None:
-                    dq_acc = torch.zeros(q_NHD.shape, dtype=acc, device=q_NHD.device)
+                    dq_acc = torch.zeros(q_NHD.shape, dtype=dq_dtype, device=q_NHD.device)
                 dq_acc[q0:q1] += dq
             if grad_M2KD is None:
                 dk_local, dv_local = dk, dv

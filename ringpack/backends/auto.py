@@ -3,7 +3,8 @@
 Legend: as in ``base``. Each tile of a wave goes to the first backend (in ``BACKENDS`` order) that
 accepts it; the tiles of one backend form a sub-wave run in as few calls as that backend allows.
 Sub-waves have disjoint query rows, and rows a sub-wave does not compute are ``out = 0, lse = -inf``,
-so results combine by adding outputs and taking the maximum lse over each sub-wave's hull.
+so results combine by adding outputs and taking the maximum lse over each sub-wave's hull. Where the
+ring already holds accumulators, each sub-wave merges into them instead (``fwd_merge_``/``bwd_add_``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class AutoBackend(Backend):
         if not backends:
             raise ValueError("auto needs at least one backend")
         self.backends = backends
+        # an assembled wave holds one sub-wave's gradient per row: still exact 16-bit values
+        self.grads_in_input_dtype = all(b.grads_in_input_dtype for b in backends)
 
     def not_supported_reasons(self, spec):
         return [r for b in self.backends for r in b.not_supported_reasons(spec)]
@@ -39,6 +42,20 @@ class AutoBackend(Backend):
             (idx,) = chosen
             return [(self.backends[idx], wave)]
         return [(self.backends[i], layout.sub_wave(wave, tuple(tiles))) for i, tiles in sorted(chosen.items())]
+
+    def assembles(self, wave: Wave) -> bool:
+        parts = self.split(wave)
+        return len(parts) > 1 or parts[0][0].assembles(wave)
+
+    def fwd_merge_(self, out_acc_NHD, lse_acc_HN, q_NHD, k_MKD, v_MKD, wave: Wave, *, scale, softcap):
+        for backend, sub in self.split(wave):
+            backend.fwd_merge_(out_acc_NHD, lse_acc_HN, q_NHD, k_MKD, v_MKD, sub, scale=scale, softcap=softcap)
+
+    def bwd_add_(self, dq_acc_NHD, dk_acc_MKD, dv_acc_MKD, dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN,
+                 wave: Wave, *, scale, softcap):
+        for backend, sub in self.split(wave):
+            backend.bwd_add_(dq_acc_NHD, dk_acc_MKD, dv_acc_MKD, dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN,
+                             dlse_HN, sub, scale=scale, softcap=softcap)
 
     def fwd(self, q_NHD, k_MKD, v_MKD, wave: Wave, *, scale, softcap):
         parts = self.split(wave)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ringpack.merge import merge_
 from ringpack.plan import Tile, Wave
 
 
@@ -50,6 +51,9 @@ class Backend(abc.ABC):
     """A local attention kernel: forward with LSE, backward against the final (global) out and lse."""
 
     name: str = ""
+    # bwd returns 16-bit gradients for 16-bit inputs (cuDNN, FlashAttention): each partial dq is then an
+    # exact 16-bit value, and the ring may sum two of them in the input dtype (see ring.ROUND_ONCE_DEPTH)
+    grads_in_input_dtype: bool = False
 
     @abc.abstractmethod
     def not_supported_reasons(self, spec: AttnSpec) -> list[str]:
@@ -62,7 +66,9 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def fwd(self, q_NHD: torch.Tensor, k_MHD: torch.Tensor, v_MHD: torch.Tensor, wave: Wave, *,
             scale: float, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(out[q_span], lse[:, q_span])``; ``out`` in the input dtype, ``lse`` in fp32 (fp64 for fp64)."""
+        """Return ``(out[q_span], lse[:, q_span])``; ``out`` in the input dtype, ``lse`` in fp32 (fp64 for fp64).
+
+        Results are new tensors (or views of new tensors) that the caller may update in place."""
 
     @abc.abstractmethod
     def bwd(self, dout_NHD: torch.Tensor, q_NHD: torch.Tensor, k_MHD: torch.Tensor, v_MHD: torch.Tensor,
@@ -71,7 +77,35 @@ class Backend(abc.ABC):
         """Return ``(dq[q_span], dk[k_span], dv[k_span])`` in the input or the accumulation dtype.
 
         The ring accumulates them in fp32 (fp64 for fp64 inputs); 16-bit kernels may return 16-bit.
+        Like ``fwd``'s, the results are new tensors the caller may update in place.
 
         ``out_NHD`` and ``lse_HN`` are the final results of the whole ring, not this wave's partials:
         that makes every tile's gradient exact on its own.
         """
+
+    # Where the caller already holds accumulators, a backend whose results come in several pieces
+    # (``assembles``) merges or adds each piece into them directly instead of first assembling
+    # hull-sized results in new buffers: fewer kernels and fewer passes over memory.
+
+    def assembles(self, wave: Wave) -> bool:
+        """Whether ``fwd``/``bwd`` on ``wave`` would assemble several pieces into new buffers."""
+        return False
+
+    def fwd_merge_(self, out_acc_NHD: torch.Tensor, lse_acc_HN: torch.Tensor, q_NHD: torch.Tensor,
+                   k_MHD: torch.Tensor, v_MHD: torch.Tensor, wave: Wave, *, scale: float, softcap: float) -> None:
+        """Merge ``wave``'s partial results into the accumulators ``[N, H, D]``/``[H, N]`` in place."""
+        out, lse = self.fwd(q_NHD, k_MHD, v_MHD, wave, scale=scale, softcap=softcap)
+        a, b = wave.q_span
+        merge_(out_acc_NHD[a:b], lse_acc_HN[:, a:b], out, lse)
+
+    def bwd_add_(self, dq_acc_NHD: torch.Tensor, dk_acc_MHD: torch.Tensor, dv_acc_MHD: torch.Tensor,
+                 dout_NHD: torch.Tensor, q_NHD: torch.Tensor, k_MHD: torch.Tensor, v_MHD: torch.Tensor,
+                 out_NHD: torch.Tensor, lse_HN: torch.Tensor, dlse_HN: torch.Tensor | None, wave: Wave, *,
+                 scale: float, softcap: float) -> None:
+        """Add ``wave``'s gradients into the accumulators (all rows of the queries and of the source's keys)."""
+        dq, dk, dv = self.bwd(dout_NHD, q_NHD, k_MHD, v_MHD, out_NHD, lse_HN, dlse_HN, wave, scale=scale,
+                              softcap=softcap)
+        (q0, q1), (k0, k1) = wave.q_span, wave.k_span
+        dq_acc_NHD[q0:q1] += dq
+        dk_acc_MHD[k0:k1] += dk
+        dv_acc_MHD[k0:k1] += dv

@@ -1,6 +1,8 @@
-"""``cudnn``: cuDNN's dense fused attention (aten ``_scaled_dot_product_cudnn_attention``), one call per tile.
+"""``cudnn``: cuDNN's dense fused attention (aten ``_scaled_dot_product_cudnn_attention``), one call per batch
+of equal tiles.
 
-Legend: ``x_1HSD`` the ``[1, H, S, D]`` view of a ``[S, H, D]`` slice (no copy); ``lse_1HS1`` fp32.
+Legend: ``x_BHSD`` the ``[B, H, S, D]`` view of ``B`` consecutive ``[S, H, D]`` slices (no copy);
+``lse_BHS1`` fp32.
 cuDNN's causal mask is top-left aligned, so it runs only *dense* tiles: full tiles, and square tiles
 whose band is plain causal (where top-left and bottom-right agree)::
 
@@ -15,12 +17,16 @@ The ragged (varlen) path of this op is not used. Its backward reads ``out`` only
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from dataclasses import dataclass
+
 import torch
 
 from ringpack.backends import layout
 from ringpack.backends.base import AttnSpec, Backend
 from ringpack.backends.torch_flash import common_reasons, lse_adjusted_out
-from ringpack.merge import accumulation_dtype
+from ringpack.merge import accumulation_dtype, merge_
 from ringpack.plan import Tile, Wave
 
 # auto gives cudnn dense tiles of at least this many (query, key) pairs: below it the per-call
@@ -28,26 +34,85 @@ from ringpack.plan import Tile, Wave
 MIN_TILE_PAIRS = 2048 * 2048
 
 
-def _as_1HSD(x_SHD: torch.Tensor) -> torch.Tensor:
-    return x_SHD.unsqueeze(0).transpose(1, 2)
+@dataclass(frozen=True)
+class Batch:
+    """``count`` tiles of one shape laid end to end (rows after rows, keys after keys): one cuDNN call.
+
+    A pack of equal documents on the diagonal is one batch, ``[B, H, S, D]`` views of the shard::
+
+        rows  d0 d1 d2        q_NHD[q_start : q_start + count * q_len]  ->  [count, H, q_len, D]
+        keys  d0 d1 d2        k_MKD[k_start : k_start + count * k_len]  ->  [count, Hk, k_len, D]
+    """
+
+    q_start: int
+    q_len: int
+    k_start: int
+    k_len: int
+    causal: bool  # plain causal square, else full
+    count: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.q_start, self.q_start + self.count * self.q_len)
+
+    @property
+    def keys(self) -> slice:
+        return slice(self.k_start, self.k_start + self.count * self.k_len)
 
 
-def _as_SHD(x_1HSD: torch.Tensor) -> torch.Tensor:
-    return x_1HSD[0].transpose(0, 1)
+@functools.lru_cache(maxsize=4096)
+def batches(wave: Wave) -> tuple[Batch, ...]:
+    """``wave``'s trimmed tiles, consecutive equal ones batched; ValueError for a tile cuDNN cannot run.
+
+    Cached: a plan is reused by every layer, so each wave is laid out once (host tuples only)."""
+    out: list[Batch] = []
+    for t in wave.tiles:
+        kt = layout.trim(t)
+        if not (kt.full or kt.causal_square):
+            raise ValueError(f"cudnn: tile {t} is neither full nor square causal; use torch_flash or flex")
+        if kt.q_len == kt.k_len == 1:
+            raise ValueError(f"cudnn: tile {t} is 1 query x 1 key, which cuDNN's backward rejects "
+                             "(s_q = s_kv = 1 is not supported); use auto or torch_flash")
+        b = out[-1] if out else None
+        if (b is not None and (b.q_len, b.k_len, b.causal) == (kt.q_len, kt.k_len, kt.causal_square)
+                and b.rows.stop == kt.q_start and b.keys.stop == kt.k_start):
+            out[-1] = dataclasses.replace(b, count=b.count + 1)
+        else:
+            out.append(Batch(kt.q_start, kt.q_len, kt.k_start, kt.k_len, kt.causal_square, 1))
+    return tuple(out)
 
 
-def _partition(start: int, stop: int, starts: list[int], lengths: list[int]) -> bool:
-    """Whether the runs ``(starts[i], lengths[i])``, in order, cover ``[start, stop)`` exactly."""
+def _as_BHSD(x_NHD: torch.Tensor, count: int) -> torch.Tensor:
+    return x_NHD.unflatten(0, (count, -1)).transpose(1, 2)
+
+
+def _as_NHD(x_BHSD: torch.Tensor) -> torch.Tensor:
+    return x_BHSD.transpose(1, 2).flatten(0, 1)  # a view: cuDNN lays results out like its inputs
+
+
+def _lse_HN(lse_BHS1: torch.Tensor) -> torch.Tensor:
+    return lse_BHS1[..., 0].transpose(0, 1).flatten(1)  # a view for one tile, a copy for a batch
+
+
+@functools.cache
+def _unused_seed(device: torch.device) -> torch.Tensor:
+    """The backward's dropout seed and offset: required arguments, never read without dropout."""
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
+def _partition(start: int, stop: int, parts: list[slice]) -> bool:
+    """Whether the row ranges ``parts``, in order, cover ``[start, stop)`` exactly."""
     at = start
-    for a, n in zip(starts, lengths):
-        if a != at:
+    for part in parts:
+        if part.start != at:
             return False
-        at += n
+        at = part.stop
     return at == stop
 
 
 class CudnnBackend(Backend):
     name = "cudnn"
+    grads_in_input_dtype = True
     min_tile_pairs = MIN_TILE_PAIRS
 
     def __init__(self) -> None:
@@ -72,67 +137,74 @@ class CudnnBackend(Backend):
         kt = layout.trim(tile)
         return kt.full or kt.causal_square
 
-    def _tiles(self, wave: Wave) -> list[layout.KernelTile]:
-        tiles = [layout.trim(t) for t in wave.tiles]
-        for t, kt in zip(wave.tiles, tiles):
-            if not (kt.full or kt.causal_square):
-                raise ValueError(f"cudnn: tile {t} is neither full nor square causal; use torch_flash or flex")
-            if kt.q_len == kt.k_len == 1:
-                raise ValueError(f"cudnn: tile {t} is 1 query x 1 key, which cuDNN's backward rejects "
-                                 "(s_q = s_kv = 1 is not supported); use auto or torch_flash")
-        return tiles
+    def assembles(self, wave: Wave) -> bool:
+        bs = batches(wave)
+        return not (_partition(*wave.q_span, [b.rows for b in bs]) and _partition(*wave.k_span, [b.keys for b in bs]))
+
+    def _fwd_pieces(self, q_NHD, k_MKD, v_MKD, wave: Wave, scale: float):
+        """``(rows, out, lse)`` of each batch of ``wave``."""
+        for b in batches(wave):
+            o, lse = self.fwd_op(_as_BHSD(q_NHD[b.rows], b.count), _as_BHSD(k_MKD[b.keys], b.count),
+                                 _as_BHSD(v_MKD[b.keys], b.count), None, True, 0.0, b.causal, False, scale=scale)[:2]
+            yield b.rows, _as_NHD(o), _lse_HN(lse)
+
+    def _bwd_pieces(self, dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN, wave: Wave, scale: float):
+        """``(rows, keys, dq, dk, dv)`` of each batch of ``wave``."""
+        seed = _unused_seed(q_NHD.device)
+        for b in batches(wave):
+            rows, keys, n = b.rows, b.keys, b.count
+            dout = dout_NHD[rows].contiguous()
+            out = out_NHD[rows].contiguous()
+            if dlse_HN is not None:
+                out = lse_adjusted_out(out, dout, dlse_HN[:, rows])
+            lse = lse_HN[:, rows].unflatten(1, (n, b.q_len)).transpose(0, 1).unsqueeze(-1).contiguous()
+            dq, dk, dv = self.bwd_op(
+                _as_BHSD(dout, n), _as_BHSD(q_NHD[rows], n), _as_BHSD(k_MKD[keys], n), _as_BHSD(v_MKD[keys], n),
+                _as_BHSD(out, n), lse, seed, seed, None, None, None, b.q_len, b.k_len, 0.0, b.causal, scale=scale)
+            yield rows, keys, _as_NHD(dq), _as_NHD(dk), _as_NHD(dv)
+
+    def fwd_merge_(self, out_acc_NHD, lse_acc_HN, q_NHD, k_MKD, v_MKD, wave: Wave, *, scale, softcap):
+        for rows, o, l_ in self._fwd_pieces(q_NHD, k_MKD, v_MKD, wave, scale):
+            merge_(out_acc_NHD[rows], lse_acc_HN[:, rows], o, l_)
+
+    def bwd_add_(self, dq_acc_NHD, dk_acc_MKD, dv_acc_MKD, dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN,
+                 wave: Wave, *, scale, softcap):
+        for rows, keys, dq, dk, dv in self._bwd_pieces(dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN,
+                                                         wave, scale):
+            dq_acc_NHD[rows] += dq
+            dk_acc_MKD[keys] += dk
+            dv_acc_MKD[keys] += dv
 
     def fwd(self, q_NHD, k_MKD, v_MKD, wave: Wave, *, scale, softcap):
         (q0, q1) = wave.q_span
-        results = []
-        for kt in self._tiles(wave):
-            o, lse = self.fwd_op(
-                _as_1HSD(q_NHD[kt.q_start:kt.q_start + kt.q_len]), _as_1HSD(k_MKD[kt.k_start:kt.k_start + kt.k_len]),
-                _as_1HSD(v_MKD[kt.k_start:kt.k_start + kt.k_len]), None, True, 0.0, kt.causal_square, False,
-                scale=scale)[:2]
-            results.append((kt, _as_SHD(o), lse.reshape(lse.shape[1], lse.shape[2])))
-        if _partition(q0, q1, [kt.q_start for kt, _, _ in results], [kt.q_len for kt, _, _ in results]):
-            # the tiles cover the query hull in order (one tile, or documents on the diagonal): no assembly
+        results = list(self._fwd_pieces(q_NHD, k_MKD, v_MKD, wave, scale))
+        if _partition(q0, q1, [rows for rows, _, _ in results]):
+            # the batches cover the query hull in order (documents on the diagonal): no assembly
             if len(results) == 1:
                 return results[0][1], results[0][2]
             return torch.cat([o for _, o, _ in results]), torch.cat([l_ for _, _, l_ in results], dim=1)
         out = q_NHD.new_zeros((q1 - q0, *q_NHD.shape[1:]))
         lse = torch.full((q_NHD.shape[1], q1 - q0), float("-inf"), dtype=accumulation_dtype(q_NHD.dtype),
                          device=q_NHD.device)
-        for kt, o, l_ in results:
-            out[kt.q_start - q0:kt.q_start - q0 + kt.q_len] = o
-            lse[:, kt.q_start - q0:kt.q_start - q0 + kt.q_len] = l_
+        for rows, o, l_ in results:
+            out[rows.start - q0:rows.stop - q0] = o
+            lse[:, rows.start - q0:rows.stop - q0] = l_
         return out, lse
 
     def bwd(self, dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN, wave: Wave, *, scale, softcap):
         (q0, q1), (k0, k1) = wave.q_span, wave.k_span
-        tiles = self._tiles(wave)
-        seed = torch.zeros((), dtype=torch.int64, device=q_NHD.device)  # no dropout: never read
-        grads = []
-        for kt in tiles:
-            rows, keys = slice(kt.q_start, kt.q_start + kt.q_len), slice(kt.k_start, kt.k_start + kt.k_len)
-            dout = dout_NHD[rows].contiguous()
-            out = out_NHD[rows].contiguous()
-            if dlse_HN is not None:
-                out = lse_adjusted_out(out, dout, dlse_HN[:, rows])
-            lse = lse_HN[:, rows].contiguous().view(1, -1, kt.q_len, 1)
-            dq, dk, dv = self.bwd_op(
-                _as_1HSD(dout), _as_1HSD(q_NHD[rows]), _as_1HSD(k_MKD[keys]), _as_1HSD(v_MKD[keys]), _as_1HSD(out),
-                lse, seed, seed, None, None, None, kt.q_len, kt.k_len, 0.0, kt.causal_square, scale=scale)
-            grads.append((kt, _as_SHD(dq), _as_SHD(dk), _as_SHD(dv)))
-        kts = [g[0] for g in grads]
-        if (_partition(q0, q1, [kt.q_start for kt in kts], [kt.q_len for kt in kts])
-                and _partition(k0, k1, [kt.k_start for kt in kts], [kt.k_len for kt in kts])):
-            # rows and keys both covered in order by disjoint tiles: gradients line up, nothing to add
+        grads = list(self._bwd_pieces(dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN, wave, scale))
+        if _partition(q0, q1, [g[0] for g in grads]) and _partition(k0, k1, [g[1] for g in grads]):
+            # rows and keys both covered in order by disjoint batches: gradients line up, nothing to add
             if len(grads) == 1:
-                return grads[0][1:]
-            return tuple(torch.cat([g[i] for g in grads]) for i in (1, 2, 3))
+                return grads[0][2:]
+            return tuple(torch.cat([g[i] for g in grads]) for i in (2, 3, 4))
         acc = accumulation_dtype(q_NHD.dtype)
         dq_acc = torch.zeros((q1 - q0, *q_NHD.shape[1:]), dtype=acc, device=q_NHD.device)
         dk_acc = torch.zeros((k1 - k0, *k_MKD.shape[1:]), dtype=acc, device=q_NHD.device)
         dv_acc = torch.zeros_like(dk_acc)
-        for kt, dq, dk, dv in grads:
-            dq_acc[kt.q_start - q0:kt.q_start - q0 + kt.q_len] += dq
-            dk_acc[kt.k_start - k0:kt.k_start - k0 + kt.k_len] += dk
-            dv_acc[kt.k_start - k0:kt.k_start - k0 + kt.k_len] += dv
+        for rows, keys, dq, dk, dv in grads:
+            dq_acc[rows.start - q0:rows.stop - q0] += dq
+            dk_acc[keys.start - k0:keys.stop - k0] += dk
+            dv_acc[keys.start - k0:keys.stop - k0] += dv
         return dq_acc, dk_acc, dv_acc

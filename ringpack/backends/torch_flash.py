@@ -96,6 +96,7 @@ def common_reasons(spec: AttnSpec, name: str) -> list[str]:
 
 class TorchFlashBackend(Backend):
     name = "torch_flash"
+    grads_in_input_dtype = True
 
     def __init__(self) -> None:
         # The two aten ops, held here so that a test can put a float64 emulation in their place.

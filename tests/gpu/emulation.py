@@ -116,10 +116,6 @@ def _shd(x_1HSD):
     return x_1HSD[0].transpose(0, 1)
 
 
-def _1hsd(x_SHD):
-    return x_SHD.unsqueeze(0).transpose(1, 2)
-
-
 def _top_left(a, b, causal):
     if not causal:
         return torch.ones(a, b, dtype=torch.bool)
@@ -127,21 +123,31 @@ def _top_left(a, b, causal):
 
 
 def cudnn_fwd(q, k, v, attn_bias, compute_log_sumexp, dropout_p, is_causal, return_debug_mask, *, scale):
+    """``[B, H, S, D]`` inputs of any strides; out laid out like q (as cuDNN does), lse ``[B, H, S, 1]``."""
     assert attn_bias is None and compute_log_sumexp and dropout_p == 0.0
     a, b = q.shape[2], k.shape[2]
-    out, lse = _fwd_core(_shd(q), _shd(k), _shd(v), _top_left(a, b, is_causal), scale)
+    out = torch.empty(q.shape[0], a, q.shape[1], v.shape[3], dtype=q.dtype).transpose(1, 2)
+    lse = torch.empty(q.shape[0], q.shape[1], a, 1, dtype=accumulation_dtype(q.dtype))
+    for i in range(q.shape[0]):
+        o, l_ = _fwd_core(_shd(q[i:i + 1]), _shd(k[i:i + 1]), _shd(v[i:i + 1]), _top_left(a, b, is_causal), scale)
+        out[i], lse[i, :, :, 0] = o.transpose(0, 1), l_
     seed = torch.zeros((), dtype=torch.int64)
-    return _1hsd(out), lse[None, ..., None], None, None, a, b, seed, seed, None
+    return out, lse, None, None, a, b, seed, seed, None
 
 
 def cudnn_bwd(dout, q, k, v, out, lse, seed, offset, attn_bias, cum_q, cum_k, max_q, max_k, dropout_p, is_causal, *,
               scale):
-    assert attn_bias is None and cum_q is None and cum_k is None and lse.shape == (1, q.shape[1], q.shape[2], 1)
+    assert attn_bias is None and cum_q is None and cum_k is None and lse.shape == (*q.shape[:3], 1)
+    assert lse.is_contiguous()
     a, b = q.shape[2], k.shape[2]
     assert (max_q, max_k) == (a, b)
-    grads = _bwd_core(_shd(dout), _shd(q), _shd(k), _shd(v), _shd(out), lse[0, ..., 0], _top_left(a, b, is_causal),
+    grads = [torch.empty_like(x) for x in (q, k, v)]
+    for i in range(q.shape[0]):
+        g = _bwd_core(*(_shd(x[i:i + 1]) for x in (dout, q, k, v, out)), lse[i, ..., 0], _top_left(a, b, is_causal),
                       scale)
-    return tuple(_1hsd(g) for g in grads)
+        for dst, src in zip(grads, g):
+            dst[i] = src.transpose(0, 1)
+    return tuple(grads)
 
 
 def _step_rows(x_local, step_index: int, step):

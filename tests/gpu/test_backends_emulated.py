@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from emulation import cudnn_bwd, cudnn_fwd, flash_bwd, flash_fwd, ring_one_process
+from emulation import cudnn_bwd, cudnn_fwd, flash_bwd, flash_fwd, ring_in_threads, ring_one_process
 
 from ringpack.backends.auto import AutoBackend
 from ringpack.backends.cudnn import CudnnBackend
@@ -48,7 +48,10 @@ def _check(backend, lengths, world, strategy, causal, window, heads=4, kv_heads=
                      for h in (heads, kv_heads, kv_heads, heads))
     dlse = torch.randn(heads, total, generator=g, dtype=torch.float64) if lse_grad else None
     plan = make_plan(cu, world, strategy=strategy, causal=causal, window_size=window)
-    got = ring_one_process(backend, plan, q, k, v, dout, dlse, scale=1 / math.sqrt(16), backward=backward)
+    if backward:  # ringpack.ring's own loops, ranks as threads
+        got = ring_in_threads(plan, backend, q, k, v, dout, dlse, scale=1 / math.sqrt(16))
+    else:
+        got = ring_one_process(backend, plan, q, k, v, dout, dlse, scale=1 / math.sqrt(16), backward=False)
     qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
     out, lse = reference_attention(qr, kr, vr, cu, causal=causal, window_size=window)
     loss = (out * dout).sum() + ((lse.masked_fill(torch.isinf(lse), 0) * dlse).sum() if lse_grad else 0)
@@ -74,6 +77,24 @@ def test_torch_flash_layout_exact(world, strategy, causal, window):
 def test_cudnn_dense_tiles_exact(world, strategy, causal):
     """Catches cuDNN's top-left causal used on a non-square tile, and a wrong per-tile placement."""
     _check(_cudnn(), (211, 64, 12), world, strategy, causal, (-1, -1))  # no 1 x 1 tile
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("strategy", ["balanced", "zigzag", "contiguous"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cudnn_batches_equal_tiles_exact(world, strategy, causal):
+    """Equal documents run as one [B, H, S, D] call: catches a batch laid out across documents, not along them."""
+    _check(_cudnn(), (40,) * 5 + (17, 40, 40, 9), world, strategy, causal, (-1, -1), tol=1e-10)
+
+
+def test_cudnn_one_call_per_run_of_equal_tiles():
+    """Five equal documents, a shorter one, two equal again: three calls forward and three backward."""
+    calls = []
+    b = _cudnn()
+    b.fwd_op = lambda q, *a, **kw: calls.append(("fwd", q.shape[0])) or cudnn_fwd(q, *a, **kw)
+    b.bwd_op = lambda dout, *a, **kw: calls.append(("bwd", dout.shape[0])) or cudnn_bwd(dout, *a, **kw)
+    _check(b, (40,) * 5 + (17, 40, 40), 1, "contiguous", True, (-1, -1))
+    assert calls == [("fwd", 5), ("fwd", 1), ("fwd", 2), ("bwd", 5), ("bwd", 1), ("bwd", 2)]
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -201,3 +222,44 @@ def test_flex_declines_softcap_with_its_reason():
     from ringpack.backends.flex import FlexBackend
     spec = AttnSpec("cuda", torch.bfloat16, 64, 8, 2, True, False, True, False)
     assert any("softcap" in why for why in FlexBackend().not_supported_reasons(spec))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("world,strategy", [(2, "zigzag"), (2, "balanced"), (3, "zigzag")])
+def test_round_once_accumulation_is_bitwise_fp32(monkeypatch, backend, world, strategy):
+    """Rows with at most two partial results accumulate in bf16: the bits must equal an fp32 accumulator's.
+
+    The reference kernel returns fp32 gradients, which a bf16 accumulator would round twice (catches a ring
+    that ignores ``grads_in_input_dtype``); auto over the 16-bit kernels takes the bf16 path."""
+    from ringpack import ring as ring_mod
+    from ringpack.backends.reference import ReferenceBackend
+
+    def bf16(op, n_grads):  # a 16-bit kernel: float64 inside, 16-bit out/dq/dk/dv and fp32 lse outside
+        def run(*args, **kwargs):
+            args = [a.double() if isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 else a for a in args]
+            res = list(op(*args, **kwargs))
+            if n_grads:
+                return tuple(r.bfloat16() for r in res)
+            return (res[0].bfloat16(), res[1].float(), *res[2:])
+        return run
+
+    impl = ReferenceBackend()
+    if backend == "auto":
+        cudnn, flash = _cudnn(min_pairs=30 * 30), _flash()
+        cudnn.fwd_op, cudnn.bwd_op = bf16(cudnn_fwd, 0), bf16(cudnn_bwd, 3)
+        flash.fwd_op, flash.bwd_op = bf16(flash_fwd, 0), bf16(flash_bwd, 3)
+        impl = AutoBackend([cudnn, flash])
+    cu = lengths_to_cu_seqlens((97, 31, 64, 5, 40))
+    plan = make_plan(cu, world, strategy=strategy)
+    g = torch.Generator().manual_seed(world)
+    total = int(cu[-1])
+    q, dout = (torch.randn(total, 4, 16, generator=g).bfloat16() for _ in range(2))
+    k, v = (torch.randn(total, 2, 16, generator=g).bfloat16() for _ in range(2))
+    dlse = torch.randn(4, total, generator=g)
+    got = {}
+    for depth in (ring_mod.ROUND_ONCE_DEPTH, 0):
+        monkeypatch.setattr(ring_mod, "ROUND_ONCE_DEPTH", depth)
+        got[depth] = ring_in_threads(plan, impl, q, k, v, dout, dlse, scale=0.25)
+    assert max(plan.query_depth) == world
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got[2], got[0]):
+        assert torch.equal(a, b), f"{name} differs from the fp32 accumulator's"

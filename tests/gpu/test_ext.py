@@ -45,6 +45,23 @@ def test_merge_matches_torch(dtype, rows, heads, dim):
     assert torch.isfinite(out_acc).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_merge_into_16_bit_accumulator_rounds_once(dtype):
+    """A row's last merge into a 16-bit accumulator: bit for bit the fp32 accumulator's result, rounded."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    first, out = (torch.randn(300, 8, 128, device="cuda", generator=g).to(dtype) for _ in range(2))
+    lse_first, lse = (torch.randn(8, 300, device="cuda", generator=g) for _ in range(2))
+    lse_first[0, :50] = float("-inf")
+    lse[1, 30:90] = float("-inf")
+    acc32, lse32 = first.float(), lse_first.clone()
+    assert _ext.merge_(acc32, lse32, out, lse)
+    acc16, lse16 = first.clone(), lse_first.clone()
+    assert _ext.merge_(acc16[:, :], lse16, out, lse)
+    assert torch.equal(acc16, acc32.to(dtype)) and torch.equal(lse16, lse32)
+    with pytest.raises(ValueError, match="float32 or out's dtype"):
+        _ext.merge_cuda(acc16.half() if dtype == torch.bfloat16 else acc16.bfloat16(), lse16, out, lse)
+
+
 def test_merge_checks_inputs():
     """Each broken constraint is named, not silently computed."""
     acc = torch.zeros(4, 2, 8, device="cuda")

@@ -31,7 +31,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 MIX = (1000, 1, 7, 333, 0, 1500, 64)  # long, empty and one-token documents, odd lengths
 ONE_DOC = (2048,)
-CUDNN_MIX = (1000, 64, 333, 0, 1536)  # no 1 x 1 tile at 1-3 ranks: cuDNN rejects s_q = s_kv = 1
+CUDNN_MIX = (1000, 64, 333, 0, 384, 384, 384, 1536)  # no 1 x 1 tile at 1-3 ranks (cuDNN rejects it); a batch
 MASKS = ((True, (-1, -1)), (False, (-1, -1)), (True, (256, -1)), (False, (100, 50)))
 SHAPE = {"heads": 8, "kv_heads": 2, "head_dim": 64}
 
