@@ -11,13 +11,15 @@ from __future__ import annotations
 from ringpack.backends.auto import AutoBackend
 from ringpack.backends.base import AttnSpec, Backend
 from ringpack.backends.cudnn import CudnnBackend
+from ringpack.backends.flash_attn import FlashAttnBackend
 from ringpack.backends.flex import FlexBackend
 from ringpack.backends.reference import ReferenceBackend
 from ringpack.backends.torch_flash import TorchFlashBackend
 
-# Order of preference for "auto": fastest first, the reference last (it runs everything).
-BACKENDS: dict[str, Backend] = {b.name: b for b in (CudnnBackend(), TorchFlashBackend(), FlexBackend(),
-                                                    ReferenceBackend())}
+# Order of preference for "auto": fastest first, the reference last (it runs everything). flash_attn runs the
+# kernels of torch_flash and adds softcap, so auto gives it the requests torch_flash declines.
+BACKENDS: dict[str, Backend] = {b.name: b for b in (CudnnBackend(), TorchFlashBackend(), FlashAttnBackend(),
+                                                    FlexBackend(), ReferenceBackend())}
 
 
 def select_backend(name: str, spec: AttnSpec) -> Backend:

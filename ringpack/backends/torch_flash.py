@@ -84,12 +84,13 @@ def lse_adjusted_out(out_NHD: torch.Tensor, dout_NHD: torch.Tensor, dlse_HN: tor
     return (out_NHD.to(acc) - coef[..., None] * dout).to(out_NHD.dtype)
 
 
-def common_reasons(spec: AttnSpec, name: str) -> list[str]:
-    """What every fused 16-bit CUDA kernel here needs: a CUDA device, fp16/bf16, a head dim it was built for."""
+def common_reasons(spec: AttnSpec, name: str, *, softcap: bool = False) -> list[str]:
+    """What every fused 16-bit CUDA kernel here needs: a CUDA device, fp16/bf16, a head dim it was built for;
+    and softcap support, unless the kernel has it (``softcap=True``)."""
     why = cuda_reasons(spec, DTYPES)
     if spec.head_dim > MAX_HEAD_DIM or spec.head_dim % 8:
         why.append(f"head_dim {spec.head_dim} is not a multiple of 8 up to {MAX_HEAD_DIM}")
-    if spec.softcap:
+    if spec.softcap and not softcap:
         why.append(f"{name} has no softcap")
     return why
 
@@ -109,14 +110,25 @@ class TorchFlashBackend(Backend):
             why.append("this torch has no aten::_flash_attention_forward/_backward")
         return why
 
+    # One varlen call of each direction; a backend over another entry point to the same kernels overrides these.
+
+    def varlen_fwd(self, q, k, v, g: layout.VarlenGroup, scale: float, softcap: float):
+        """``(out, lse)`` of one varlen group; rows of key-less sequences come back as out 0, lse +inf."""
+        return self.fwd_op(q, k, v, *cu_seqlens_on(g, q.device), g.max_q, g.max_k, 0.0, g.causal, False, scale=scale,
+                           window_size_left=g.left, window_size_right=g.right)[:2]
+
+    def varlen_bwd(self, dout, q, k, v, out, lse, g: layout.VarlenGroup, scale: float, softcap: float):
+        """``(dq, dk, dv)`` of one varlen group, against the final ``out``/``lse``."""
+        rng, unused = torch.empty(2, dtype=torch.int64, device=q.device), torch.empty(0, device=q.device)
+        return self.bwd_op(dout, q, k, v, out, lse, *cu_seqlens_on(g, q.device), g.max_q, g.max_k, 0.0, g.causal, rng,
+                           unused, scale=scale, window_size_left=g.left, window_size_right=g.right)
+
     def fwd(self, q_NHD, k_MKD, v_MKD, wave: Wave, *, scale, softcap):
         (q0, q1), (k0, k1) = wave.q_span, wave.k_span
         q, k_hull, v_hull = q_NHD[q0:q1], k_MKD[k0:k1], v_MKD[k0:k1]
         out = lse = None
         for g in layout.varlen_groups(wave):
-            o, l_ = self.fwd_op(
-                q, gathered_keys(k_hull, g), gathered_keys(v_hull, g), *cu_seqlens_on(g, q.device), g.max_q, g.max_k,
-                0.0, g.causal, False, scale=scale, window_size_left=g.left, window_size_right=g.right)[:2]
+            o, l_ = self.varlen_fwd(q, gathered_keys(k_hull, g), gathered_keys(v_hull, g), g, scale, softcap)
             # Rows this group does not compute are exactly 0 with lse +inf: add and take the minimum.
             out, lse = (o, l_) if out is None else (out.add_(o), torch.minimum(lse, l_))
         return out, lse.masked_fill_(lse == float("inf"), float("-inf"))
@@ -131,13 +143,10 @@ class TorchFlashBackend(Backend):
         lse = lse_HN[:, q0:q1].contiguous()
         # Rows no tile of this wave computes may have lse -inf (they see nothing anywhere): the kernel never reads them.
         groups = layout.varlen_groups(wave)
-        rng, unused = torch.empty(2, dtype=torch.int64, device=q.device), torch.empty(0, device=q.device)
         dq = dk = dv = None
         for g in groups:
-            kg, vg = gathered_keys(k_hull, g), gathered_keys(v_hull, g)
-            dq_g, dk_g, dv_g = self.bwd_op(
-                dout, q, kg, vg, out, lse, *cu_seqlens_on(g, q.device), g.max_q, g.max_k, 0.0, g.causal, rng, unused,
-                scale=scale, window_size_left=g.left, window_size_right=g.right)
+            dq_g, dk_g, dv_g = self.varlen_bwd(dout, q, gathered_keys(k_hull, g), gathered_keys(v_hull, g), out, lse, g,
+                                               scale, softcap)
             if len(groups) == 1 and g.k_runs is None and g.k_offset == 0 and g.total_k == k1 - k0:
                 return dq_g, dk_g, dv_g  # the common case: one call covers both hulls exactly
             if dq is None:

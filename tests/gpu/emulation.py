@@ -1,4 +1,4 @@
-"""float64 emulations of the aten kernels that ``torch_flash`` and ``cudnn`` call, and one-process rings.
+"""float64 emulations of the kernels that ``torch_flash``, ``flash_attn`` and ``cudnn`` call, and one-process rings.
 
 They follow each kernel's contract as measured on the GPU (bottom-right windows, FA2's host-side window
 normalisation and lse +inf for empty rows for the varlen flash ops; top-left causal and ``[1, H, S, 1]``
@@ -25,8 +25,12 @@ def _scores(q_SHD, k_SKD, scale):
     return torch.einsum("ahd,bhd->hab", q_SHD, k_SKD.repeat_interleave(group, 1)) * scale
 
 
-def _fwd_core(q, k, v, visible_ab, scale):
-    s = _scores(q, k, scale).masked_fill(~visible_ab, float("-inf"))
+def _capped(s, softcap):
+    return s if softcap == 0 else softcap * torch.tanh(s / softcap)
+
+
+def _fwd_core(q, k, v, visible_ab, scale, softcap=0.0):
+    s = _capped(_scores(q, k, scale), softcap).masked_fill(~visible_ab, float("-inf"))
     lse = torch.logsumexp(s, -1)
     empty = torch.isinf(lse)
     p = torch.exp(s - torch.where(empty, 0, lse)[..., None])
@@ -34,13 +38,16 @@ def _fwd_core(q, k, v, visible_ab, scale):
     return out, torch.where(empty, float("inf"), lse)
 
 
-def _bwd_core(dout, q, k, v, out, lse, visible_ab, scale):
+def _bwd_core(dout, q, k, v, out, lse, visible_ab, scale, softcap=0.0):
     group = q.shape[1] // k.shape[1]
     kx, vx = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    s = _scores(q, k, scale).masked_fill(~visible_ab, float("-inf"))
+    raw = _scores(q, k, scale)
+    s = _capped(raw, softcap).masked_fill(~visible_ab, float("-inf"))
     p = torch.exp(s - lse[..., None])
     delta = (dout * out).sum(-1).t()  # [H, a]: the kernel's only use of out
     ds = p * (torch.einsum("ahd,bhd->hab", dout, vx) - delta[..., None]) * scale
+    if softcap:
+        ds = ds * (1 - torch.tanh(raw / softcap) ** 2)
     dq = torch.einsum("hab,bhd->ahd", ds, kx)
     dk = torch.einsum("hab,ahd->bhd", ds, q).unflatten(1, (k.shape[1], group)).sum(2)
     dv = torch.einsum("hab,ahd->bhd", p, dout).unflatten(1, (k.shape[1], group)).sum(2)
@@ -110,6 +117,37 @@ def flash_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p, is_c
                 dout[q0:q0 + a], q[q0:q0 + a], k[k0:k0 + b], v[k0:k0 + b], out[q0:q0 + a], lse[:, q0:q0 + a],
                 _window_mask(a, b, window_size_left, right), scale)
     return dq, dk, dv
+
+
+def flash_attn_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size_left,
+                          window_size_right, softcap, alibi_slopes, return_softmax, block_table, leftpad_k, seqused_k):
+    """``flashattn::_flash_attn_varlen_forward`` (flash-attn 2.7/2.8): the aten kernel's contract plus softcap."""
+    assert alibi_slopes is None and not return_softmax and block_table is None and leftpad_k is None
+    assert seqused_k is None and dropout_p == 0.0
+    assert not causal or window_size_right in (0, -1)
+    left, right = _fa2_window(window_size_left, window_size_right, max_k, causal)
+    out = torch.zeros_like(q)
+    lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float64)
+    for q0, a, k0, b in _entries(cu_q, cu_k, max_q, max_k):
+        if a and b:
+            out[q0:q0 + a], lse[:, q0:q0 + a] = _fwd_core(q[q0:q0 + a], k[k0:k0 + b], v[k0:k0 + b],
+                                                          _window_mask(a, b, left, right), softmax_scale, softcap)
+    return out, lse, torch.empty(0), torch.empty(2, dtype=torch.int64)
+
+
+def flash_attn_varlen_bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, dropout_p,
+                          softmax_scale, causal, window_size_left, window_size_right, softcap, alibi_slopes,
+                          deterministic, rng_state):
+    """``flashattn::_flash_attn_varlen_backward``: writes dq, dk, dv in place, returns softmax_d."""
+    assert alibi_slopes is None and dropout_p == 0.0 and all(t is not None for t in (dq, dk, dv))
+    assert softmax_lse.is_contiguous() and softmax_lse.shape == (q.shape[1], q.shape[0])
+    left, right = _fa2_window(window_size_left, window_size_right, max_k, causal)
+    for q0, a, k0, b in _entries(cu_q, cu_k, max_q, max_k):
+        if a and b:
+            dq[q0:q0 + a], dk[k0:k0 + b], dv[k0:k0 + b] = _bwd_core(
+                dout[q0:q0 + a], q[q0:q0 + a], k[k0:k0 + b], v[k0:k0 + b], out[q0:q0 + a], softmax_lse[:, q0:q0 + a],
+                _window_mask(a, b, left, right), softmax_scale, softcap)
+    return (dout * out).sum(-1).t()
 
 
 def _shd(x_1HSD):

@@ -13,7 +13,16 @@ import math
 
 import pytest
 import torch
-from emulation import cudnn_bwd, cudnn_fwd, flash_bwd, flash_fwd, ring_in_threads, ring_one_process
+from emulation import (
+    cudnn_bwd,
+    cudnn_fwd,
+    flash_attn_varlen_bwd,
+    flash_attn_varlen_fwd,
+    flash_bwd,
+    flash_fwd,
+    ring_in_threads,
+    ring_one_process,
+)
 
 from ringpack.backends.auto import AutoBackend
 from ringpack.backends.cudnn import CudnnBackend
@@ -40,7 +49,7 @@ def _cudnn(min_pairs: int = 0):
 
 
 def _check(backend, lengths, world, strategy, causal, window, heads=4, kv_heads=2, lse_grad=True, backward=True,
-           tol=1e-10):
+           tol=1e-10, softcap=0.0):
     cu = lengths_to_cu_seqlens(lengths)
     total = int(cu[-1])
     g = torch.Generator().manual_seed(world * 7 + len(lengths))
@@ -49,11 +58,12 @@ def _check(backend, lengths, world, strategy, causal, window, heads=4, kv_heads=
     dlse = torch.randn(heads, total, generator=g, dtype=torch.float64) if lse_grad else None
     plan = make_plan(cu, world, strategy=strategy, causal=causal, window_size=window)
     if backward:  # ringpack.ring's own loops, ranks as threads
-        got = ring_in_threads(plan, backend, q, k, v, dout, dlse, scale=1 / math.sqrt(16))
+        got = ring_in_threads(plan, backend, q, k, v, dout, dlse, scale=1 / math.sqrt(16), softcap=softcap)
     else:
-        got = ring_one_process(backend, plan, q, k, v, dout, dlse, scale=1 / math.sqrt(16), backward=False)
+        got = ring_one_process(backend, plan, q, k, v, dout, dlse, scale=1 / math.sqrt(16), softcap=softcap,
+                               backward=False)
     qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
-    out, lse = reference_attention(qr, kr, vr, cu, causal=causal, window_size=window)
+    out, lse = reference_attention(qr, kr, vr, cu, causal=causal, window_size=window, softcap=softcap)
     loss = (out * dout).sum() + ((lse.masked_fill(torch.isinf(lse), 0) * dlse).sum() if lse_grad else 0)
     want = (out.detach(), lse.detach(), *torch.autograd.grad(loss, (qr, kr, vr)))
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
@@ -263,3 +273,75 @@ def test_round_once_accumulation_is_bitwise_fp32(monkeypatch, backend, world, st
     assert max(plan.query_depth) == world
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got[2], got[0]):
         assert torch.equal(a, b), f"{name} differs from the fp32 accumulator's"
+
+
+def _flash_attn():
+    from ringpack.backends.flash_attn import FlashAttnBackend
+    b = FlashAttnBackend()
+    b.use_ops(flash_attn_varlen_fwd, flash_attn_varlen_bwd)
+    return b
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("strategy", ["balanced", "zigzag", "contiguous"])
+@pytest.mark.parametrize("causal,window", MASKS)
+def test_flash_attn_layout_exact(world, strategy, causal, window):
+    """flash_attn through float64 emulations of flash-attn's registered ops, with and without softcap: catches
+    arguments passed in the wrong positions of the op schema, a softcap lost on its way to the kernel (forward or
+    backward), and dq/dk/dv buffers the op is not given to write into."""
+    for lengths, (h, hk), softcap in zip(MIXES, ((4, 2), (4, 1)), (0.0, 5.0)):
+        _check(_flash_attn(), lengths, world, strategy, causal, window, h, hk, softcap=softcap)
+
+
+def test_flash_attn_window_with_more_queries_than_keys():
+    """The FA2 host-side window normalisation lives in flash-attn's kernels too (see the torch_flash test)."""
+    _check(_flash_attn(), (300, 40, 7), 3, "contiguous", True, (100, -1), softcap=2.0)
+
+
+def test_flash_attn_takes_softcap_that_torch_flash_declines(monkeypatch):
+    """With CUDA and the ops present, flash_attn accepts a softcap request; torch_flash and cudnn decline it."""
+    from ringpack.backends import AttnSpec
+    from ringpack.backends.cudnn import CudnnBackend
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    spec = AttnSpec("cuda", torch.bfloat16, 128, 8, 2, True, True, True, True)
+    assert _flash_attn().not_supported_reasons(spec) == []
+    assert any("softcap" in why for why in TorchFlashBackend().not_supported_reasons(spec))
+    assert any("softcap" in why for why in CudnnBackend().not_supported_reasons(spec))
+
+
+def test_flash_attn_declines_missing_or_unsupported_package(monkeypatch):
+    """Not installed, a release outside the pinned range, or an op whose schema changed: each is a reason
+    naming what was found and what is supported, never a call with shifted arguments."""
+    import importlib.metadata
+
+    from ringpack.backends import flash_attn
+
+    def installed(version):
+        def fake(name):
+            if version is None:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return version
+        return fake
+
+    monkeypatch.setattr(importlib.metadata, "version", installed(None))
+    assert flash_attn.load_ops()[2] == "flash-attn is not installed (pip install 'ringpack[flash]')"
+    for version in ("2.6.3", "3.0.0b1", "2.10.1"):
+        monkeypatch.setattr(importlib.metadata, "version", installed(version))
+        why = flash_attn.load_ops()[2]
+        assert f"flash-attn {version} is installed" in why and flash_attn.SUPPORTED in why
+
+    @torch.library.custom_op("ringpack_test::varlen_fwd_moved", mutates_args=())
+    def moved(q: torch.Tensor, k: torch.Tensor, softmax_scale: float, cu_seqlens_q: torch.Tensor) -> torch.Tensor:
+        return q.clone()
+
+    why = flash_attn._schema_problem(torch.ops.ringpack_test.varlen_fwd_moved, flash_attn.FWD_ARGS)
+    assert "takes (q, k, softmax_scale, cu_seqlens_q)" in why and "cu_seqlens_q, cu_seqlens_k" in why
+
+
+def test_flash_attn_is_not_imported_for_cpu_requests(monkeypatch):
+    """A CPU request must not import flash-attn (slow, and a broken build would fail a CPU job)."""
+    from ringpack.backends import AttnSpec, flash_attn
+    calls = []
+    monkeypatch.setattr(flash_attn, "load_ops", lambda: calls.append(1) or (None, None, "x"))
+    spec = AttnSpec("cpu", torch.float64, 16, 4, 2, True, False, False, False)
+    assert flash_attn.FlashAttnBackend().not_supported_reasons(spec) and not calls

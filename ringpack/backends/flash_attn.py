@@ -1,0 +1,113 @@
+"""``flash_attn``: the flash-attn package's FlashAttention-2 varlen kernels, through its registered ops.
+
+flash-attn 2.7 and 2.8 register their kernels as ``torch.library`` ops, ``flashattn::_flash_attn_varlen_forward``
+and ``flashattn::_flash_attn_varlen_backward``. An op's schema is checked when the backend is first asked
+(``not_supported_reasons``): argument names and order must be the ones below, so a release that changes them
+is declined with the two schemas side by side instead of being called with shifted arguments. No Python-level
+private function of the package is imported or called.
+
+These are the kernels ``torch_flash`` reaches through aten (same layout, bottom-right windows, lse +inf for rows
+that see no key, the same host-side window normalisation), so everything but the two calls is inherited. What
+the package adds is ``softcap`` (Gemma-2's tanh capping), forward and backward.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from collections.abc import Callable
+
+import torch
+
+from ringpack.backends import layout
+from ringpack.backends.base import AttnSpec
+from ringpack.backends.torch_flash import TorchFlashBackend, common_reasons, cu_seqlens_on
+
+SUPPORTED = ">=2.7,<2.9"  # the releases whose op schemas are below; setup.py's ``flash`` extra pins the same
+FWD_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "dropout_p",
+            "softmax_scale", "causal", "window_size_left", "window_size_right", "softcap", "alibi_slopes",
+            "return_softmax", "block_table", "leftpad_k", "seqused_k")
+BWD_ARGS = ("dout", "q", "k", "v", "out", "softmax_lse", "dq", "dk", "dv", "cu_seqlens_q", "cu_seqlens_k",
+            "max_seqlen_q", "max_seqlen_k", "dropout_p", "softmax_scale", "causal", "window_size_left",
+            "window_size_right", "softcap", "alibi_slopes", "deterministic", "rng_state")
+
+
+def _release(version: str) -> tuple[int, int]:
+    parts = version.split(".")
+    try:
+        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+def _schema_problem(op, expected: tuple[str, ...]) -> str | None:
+    """Why ``op``'s registered schema is not the one ringpack calls, or None when it is."""
+    names = tuple(a.name for a in op.default._schema.arguments)
+    if names != expected:
+        return (f"{op.default._schema.name} takes ({', '.join(names)}); ringpack calls it as "
+                f"({', '.join(expected)})")
+    return None
+
+
+def load_ops() -> tuple[Callable | None, Callable | None, str | None]:
+    """``(fwd_op, bwd_op, None)`` when an installed flash-attn in the supported range registered both ops with
+    the expected schemas; otherwise ``(None, None, why)``."""
+    try:
+        version = importlib.metadata.version("flash-attn")
+    except importlib.metadata.PackageNotFoundError:
+        return None, None, "flash-attn is not installed (pip install 'ringpack[flash]')"
+    if not (2, 7) <= _release(version) < (2, 9):
+        return None, None, f"flash-attn {version} is installed; this backend supports flash-attn {SUPPORTED}"
+    try:
+        importlib.import_module("flash_attn.flash_attn_interface")  # registers the ops
+    except (ImportError, OSError, RuntimeError) as e:  # a build for another torch or CUDA fails here
+        return None, None, f"flash-attn {version} does not import: {type(e).__name__}: {e}"
+    try:
+        fwd_op, bwd_op = torch.ops.flashattn._flash_attn_varlen_forward, torch.ops.flashattn._flash_attn_varlen_backward
+    except AttributeError:
+        return None, None, f"flash-attn {version} registered no flashattn::_flash_attn_varlen_forward/_backward ops"
+    for op, expected in ((fwd_op, FWD_ARGS), (bwd_op, BWD_ARGS)):
+        problem = _schema_problem(op, expected)
+        if problem:
+            return None, None, f"flash-attn {version}: {problem}"
+    return fwd_op, bwd_op, None
+
+
+class FlashAttnBackend(TorchFlashBackend):
+    name = "flash_attn"
+
+    def __init__(self) -> None:  # the ops are looked up on first use: importing flash-attn is slow
+        self.fwd_op = self.bwd_op = None
+        self.problem: str | None = None
+        self._loaded = False
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self.fwd_op, self.bwd_op, self.problem = load_ops()
+            self._loaded = True
+
+    def use_ops(self, fwd_op: Callable, bwd_op: Callable) -> None:
+        """Run through ``fwd_op``/``bwd_op`` (same signatures as the registered ops) instead of the package's."""
+        self.fwd_op, self.bwd_op, self.problem, self._loaded = fwd_op, bwd_op, None, True
+
+    def not_supported_reasons(self, spec: AttnSpec) -> list[str]:
+        why = common_reasons(spec, self.name, softcap=True)
+        if spec.device_type == "cuda":  # on other devices the package is not looked up at all
+            self._load()
+            if self.problem:
+                why.append(self.problem)
+        return why
+
+    def varlen_fwd(self, q, k, v, g: layout.VarlenGroup, scale: float, softcap: float):
+        cu_q, cu_k = cu_seqlens_on(g, q.device)
+        out, lse, _, _ = self.fwd_op(q, k, v, cu_q, cu_k, g.max_q, g.max_k, 0.0, scale, g.causal, g.left, g.right,
+                                     softcap, None, False, None, None, None)
+        return out, lse
+
+    def varlen_bwd(self, dout, q, k, v, out, lse, g: layout.VarlenGroup, scale: float, softcap: float):
+        cu_q, cu_k = cu_seqlens_on(g, q.device)
+        # The op writes into dq/dk/dv; zeroed, so keys of query-less sequences need no help from the kernel.
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        self.bwd_op(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, g.max_q, g.max_k, 0.0, scale, g.causal, g.left,
+                    g.right, softcap, None, False, None)
+        return dq, dk, dv

@@ -1,0 +1,62 @@
+"""The one-GPU rank-by-rank benchmark harness (``benchmarks/rank_compute.py``), checked on the CPU in float64.
+
+Its numbers are only worth something if each rank really runs its share of the ring: a ``Delivered`` ring that
+handed a rank the wrong rows, or none, would time a different computation. Run rank by rank, every rank's
+``out``, ``lse`` and ``dq`` must equal the float64 reference to 1e-10 (dK/dV of received rows go back to their
+owner in a real ring, so they are not compared here).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ringpack import lengths_to_cu_seqlens, make_plan, shard
+from ringpack.backends import BACKENDS
+from ringpack.checking import reference_attention
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "rank_compute.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("rank_compute", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("strategy", ["balanced", "zigzag", "contiguous"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_rank_computes_its_share_exactly(strategy, world):
+    rc = _load()
+    lengths = (300, 1, 0, 97, 31, 700, 13)
+    cu = lengths_to_cu_seqlens(lengths)
+    g = torch.Generator().manual_seed(world)
+    total = sum(lengths)
+    q, dout = (torch.randn(total, 4, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(total, 2, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    plan = make_plan(cu, world, strategy=strategy)
+    qr = q.clone().requires_grad_()
+    out, lse = reference_attention(qr, k, v, cu, causal=True)
+    (dq,) = torch.autograd.grad(out, (qr,), dout)
+    runs = rc.rank_runs(plan, q, k, v, dout, BACKENDS["reference"], 1 / math.sqrt(16), backward=True)
+    for r, run in enumerate(runs):
+        got_out, got_lse, got_dq, _, _ = run()
+        for name, got, want in (("out", got_out, shard(out, plan, r)), ("lse", got_lse, shard(lse.t(), plan, r).t()),
+                                ("dq", got_dq, shard(dq, plan, r))):
+            err = (got - want).abs().max().item() if got.numel() else 0.0
+            assert err <= 1e-10, f"rank {r} {name}: {err}"
+
+
+def test_dry_run_writes_json_and_markdown(tmp_path):
+    rows = _load().main(["--dry-run", "--out", str(tmp_path / "rc.json")])
+    assert rows and all("error" not in x for x in rows), rows
+    data = json.loads((tmp_path / "rc.json").read_text())
+    assert {x["strategy"] for x in data["rows"]} == {"balanced", "zigzag"}
+    assert all(x["compute_efficiency"] > 0 and len(x["rank_s"]) == 2 for x in data["rows"])
+    assert "compute efficiency" in (tmp_path / "rc.md").read_text()
