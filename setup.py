@@ -45,7 +45,7 @@ setup(
     install_requires=["torch>=2.4"],
     extras_require={
         "test": ["pytest>=7", "numpy", "matplotlib"],
-        "flash": ["flash-attn>=2.6,<3"],
+        "flash": ["flash-attn>=2.7,<2.9"],
         "deepspeed": ["deepspeed>=0.14"],
         "megatron": ["megatron-core>=0.8"],
         "transformers": ["transformers>=4.48"],

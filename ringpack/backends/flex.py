@@ -23,6 +23,7 @@ with ``c = exp(lse_w - lse)``.
 from __future__ import annotations
 
 import importlib.util
+import threading
 
 import torch
 
@@ -82,6 +83,10 @@ class FlexBackend(Backend):
 
     def __init__(self) -> None:
         self._compiled = None
+        # Dynamo's tracing is not thread-safe: ranks run as threads of one process (the one-GPU test harness)
+        # tracing at once raised "using FX to symbolically trace a dynamo-optimized function" on an H200.
+        # Calls only issue kernels, so holding the lock around them costs no device time.
+        self._lock = threading.Lock()
 
     def _flex(self):
         if self._compiled is None:
@@ -118,9 +123,11 @@ class FlexBackend(Backend):
         if softcap > 0:
             def score_mod(score, b, h, q_idx, kv_idx):
                 return softcap * torch.tanh(score / softcap)
-        out, lse = self._flex()(_as_1HSD(q_SHD), _as_1HSD(k_SKD), _as_1HSD(v_SKD), score_mod=score_mod,
-                                block_mask=self._block_mask(wave, q_SHD.device), scale=scale,
-                                enable_gqa=q_SHD.shape[1] != k_SKD.shape[1], return_lse=True)
+        block_mask = self._block_mask(wave, q_SHD.device)
+        with self._lock:
+            out, lse = self._flex()(_as_1HSD(q_SHD), _as_1HSD(k_SKD), _as_1HSD(v_SKD), score_mod=score_mod,
+                                    block_mask=block_mask, scale=scale, enable_gqa=q_SHD.shape[1] != k_SKD.shape[1],
+                                    return_lse=True)
         return out[0].transpose(0, 1), lse[0]
 
     def fwd(self, q_NHD, k_MKD, v_MKD, wave: Wave, *, scale, softcap):

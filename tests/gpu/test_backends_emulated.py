@@ -345,3 +345,35 @@ def test_flash_attn_is_not_imported_for_cpu_requests(monkeypatch):
     monkeypatch.setattr(flash_attn, "load_ops", lambda: calls.append(1) or (None, None, "x"))
     spec = AttnSpec("cpu", torch.float64, 16, 4, 2, True, False, False, False)
     assert flash_attn.FlashAttnBackend().not_supported_reasons(spec) and not calls
+
+
+def test_flex_calls_never_overlap_across_threads():
+    """Ranks as threads of one process (the one-GPU harness) must not enter the compiled flex call at once:
+    dynamo's first trace is not thread-safe and raised "using FX to symbolically trace a dynamo-optimized
+    function" on an H200 when two thread ranks traced together."""
+    import threading
+    import time
+
+    from torch.nn.attention.flex_attention import flex_attention
+    inside, overlaps = [0], []
+
+    def compiled(*args, **kwargs):
+        inside[0] += 1
+        overlaps.append(inside[0] > 1)
+        time.sleep(0.02)
+        try:
+            return flex_attention(*args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    b = _flex_eager()
+    b._compiled = compiled
+    plan = make_plan([0, 40], 1, causal=True)
+    q = torch.randn(40, 2, 16)
+    threads = [threading.Thread(target=b.fwd, args=(q, q, q, plan.steps[0][0].waves[0]),
+                                kwargs={"scale": 0.25, "softcap": 0.0}) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(overlaps) == 4 and not any(overlaps)
