@@ -117,7 +117,7 @@ def markdown(rows: list[dict], env: dict) -> str:
     lines = ["# Each rank's compute, one rank at a time on one GPU (the exchange free)", "",
              f"- device: {env['device']}; torch {env['torch']}, CUDA {env['cuda']}; date (UTC) {env['date']}",
              f"- command: `{env['command']}`",
-             "- Llama-3-8B attention (32 query heads, 8 KV heads, head dim 128), bf16, causal; P = 2 ranks",
+             f"- shape {env['shape']}, causal; P = {env['world']} ranks",
              "- compute efficiency = T1 / (P x max over ranks of the rank's time): an upper bound of the P-GPU ring",
              "  efficiency when the exchange is hidden; not a 2-GPU measurement", "",
              "| mix | tokens/rank | strategy | backend | pass | T1 s | rank times s | compute efficiency | "
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     print(f"rank_compute: {rows[-1]}", flush=True)
     cuda = r.device.type == "cuda"
     env = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-           "torch": torch.__version__, "cuda": torch.version.cuda,
+           "torch": torch.__version__, "cuda": torch.version.cuda, "world": args.world, "shape": vars(shape),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": " ".join(["python benchmarks/rank_compute.py", *(sys.argv[1:] if argv is None else argv)])}
     with open(args.out, "w") as f:
