@@ -92,7 +92,7 @@ def _fa2_window(left: int, right: int, max_k: int, is_causal: bool) -> tuple[int
 
 
 def flash_fwd(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, return_debug_mask, *, scale,
-              window_size_left, window_size_right):
+              window_size_left, window_size_right, softcap=0.0):
     assert dropout_p == 0.0 and q.dtype == k.dtype == v.dtype
     assert not is_causal or window_size_right in (0, -1)
     window_size_left, right = _fa2_window(window_size_left, window_size_right, max_k, is_causal)
@@ -101,13 +101,13 @@ def flash_fwd(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, return_de
     for q0, a, k0, b in _entries(cu_q, cu_k, max_q, max_k):
         if a and b:
             o, l_ = _fwd_core(q[q0:q0 + a], k[k0:k0 + b], v[k0:k0 + b], _window_mask(a, b, window_size_left, right),
-                              scale)
+                              scale, softcap)
             out[q0:q0 + a], lse[:, q0:q0 + a] = o, l_
     return out, lse, torch.empty(2), torch.empty(()), torch.empty(0)
 
 
 def flash_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, rng, unused, *, scale,
-              window_size_left, window_size_right):
+              window_size_left, window_size_right, softcap=0.0):
     window_size_left, right = _fa2_window(window_size_left, window_size_right, max_k, is_causal)
     assert lse.is_contiguous() and lse.shape == (q.shape[1], q.shape[0])
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -115,7 +115,7 @@ def flash_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p, is_c
         if a and b:
             dq[q0:q0 + a], dk[k0:k0 + b], dv[k0:k0 + b] = _bwd_core(
                 dout[q0:q0 + a], q[q0:q0 + a], k[k0:k0 + b], v[k0:k0 + b], out[q0:q0 + a], lse[:, q0:q0 + a],
-                _window_mask(a, b, window_size_left, right), scale)
+                _window_mask(a, b, window_size_left, right), scale, softcap)
     return dq, dk, dv
 
 
@@ -123,15 +123,9 @@ def flash_attn_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_
                           window_size_right, softcap, alibi_slopes, return_softmax, block_table, leftpad_k, seqused_k):
     """``flashattn::_flash_attn_varlen_forward`` (flash-attn 2.7/2.8): the aten kernel's contract plus softcap."""
     assert alibi_slopes is None and not return_softmax and block_table is None and leftpad_k is None
-    assert seqused_k is None and dropout_p == 0.0
-    assert not causal or window_size_right in (0, -1)
-    left, right = _fa2_window(window_size_left, window_size_right, max_k, causal)
-    out = torch.zeros_like(q)
-    lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float64)
-    for q0, a, k0, b in _entries(cu_q, cu_k, max_q, max_k):
-        if a and b:
-            out[q0:q0 + a], lse[:, q0:q0 + a] = _fwd_core(q[q0:q0 + a], k[k0:k0 + b], v[k0:k0 + b],
-                                                          _window_mask(a, b, left, right), softmax_scale, softcap)
+    assert seqused_k is None
+    out, lse = flash_fwd(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, False, scale=softmax_scale,
+                         window_size_left=window_size_left, window_size_right=window_size_right, softcap=softcap)[:2]
     return out, lse, torch.empty(0), torch.empty(2, dtype=torch.int64)
 
 
@@ -140,13 +134,11 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_q, cu_
                           deterministic, rng_state):
     """``flashattn::_flash_attn_varlen_backward``: writes dq, dk, dv in place, returns softmax_d."""
     assert alibi_slopes is None and dropout_p == 0.0 and all(t is not None for t in (dq, dk, dv))
-    assert softmax_lse.is_contiguous() and softmax_lse.shape == (q.shape[1], q.shape[0])
-    left, right = _fa2_window(window_size_left, window_size_right, max_k, causal)
-    for q0, a, k0, b in _entries(cu_q, cu_k, max_q, max_k):
-        if a and b:
-            dq[q0:q0 + a], dk[k0:k0 + b], dv[k0:k0 + b] = _bwd_core(
-                dout[q0:q0 + a], q[q0:q0 + a], k[k0:k0 + b], v[k0:k0 + b], out[q0:q0 + a], softmax_lse[:, q0:q0 + a],
-                _window_mask(a, b, left, right), softmax_scale, softcap)
+    grads = flash_bwd(dout, q, k, v, out, softmax_lse, cu_q, cu_k, max_q, max_k, dropout_p, causal, rng_state, None,
+                      scale=softmax_scale, window_size_left=window_size_left, window_size_right=window_size_right,
+                      softcap=softcap)
+    for dst, src in zip((dq, dk, dv), grads):
+        dst.copy_(src)
     return (dout * out).sum(-1).t()
 
 
