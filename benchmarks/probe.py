@@ -1,6 +1,9 @@
 """Probe the local kernels this machine offers: op signatures, return layouts, mask alignment, GQA.
 
-Run on a GPU machine before trusting a backend there; writes one JSON of findings.
+Run on a GPU machine before trusting a backend there; writes one JSON of findings:
+
+    python benchmarks/probe.py probe.json              # every probe
+    python benchmarks/probe.py probe.json cudnn flash  # only these
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def ref_attn(q, k, v, mask, scale):
     return torch.einsum("hqk,khd->qhd", p, v), lse
 
 
-def main(path: str) -> None:
+def main(path: str, only: tuple[str, ...] = ()) -> None:
     res: dict = {"torch": torch.__version__, "cuda": torch.version.cuda, "devices": torch.cuda.device_count()}
     res["names"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     dev = "cuda"
@@ -43,6 +46,8 @@ def main(path: str) -> None:
         return torch.randn(*s, device=dev, dtype=torch.bfloat16, generator=g)
 
     def step(name, fn):
+        if only and name not in only:
+            return
         t = time.time()
         try:
             res[name] = fn()
@@ -121,14 +126,15 @@ def main(path: str) -> None:
             out[key] = {"out": float((o[0].transpose(0, 1).double() - ro).abs().max()),
                         "lse": float((lse.reshape(H, sq).double() - rl).abs().max())}
             do = torch.randn_like(o)
-            variants = {"fwd_returns": (r[6], r[7], r[2], r[3]),
-                        "empties": (torch.empty(0, device=dev), torch.empty(0, device=dev),
-                                    torch.empty(0, device=dev), torch.empty(0, device=dev))}
+            # the seed/offset the forward returned, or zeros with no sequence tables (as the cudnn backend calls it)
+            zero = torch.zeros((), dtype=torch.int64, device=dev)
+            variants = {"fwd_returns": (r[6], r[7], r[2], r[3]), "as_ringpack": (zero, zero, None, None)}
             for vname, (ps, po, cq, ck) in variants.items():
-                for bias_name, bias in (("bias_empty", torch.empty(0, device=dev)),):
+                for bias_name, bias in (("bias_none", None),):
                     try:
                         g3 = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
                             do, q, k, v, o, lse, ps, po, bias, cq, ck, sq, sk, 0.0, causal, scale=scale)
+                        out[f"{key}_bwd_{vname}_returns"] = [_desc(x) for x in g3]  # layouts of dq, dk, dv
                         qq = q.detach().double().requires_grad_()
                         kk = k.detach().double().requires_grad_()
                         vv = v.detach().double().requires_grad_()
@@ -229,4 +235,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], tuple(sys.argv[2:]))

@@ -13,36 +13,36 @@ see it, the cost of small tiles, merges and host-side issue, on one GPU. It is n
 
     python benchmarks/rank_compute.py --out rank_compute.json      # on a GPU machine; writes .json and .md
     python benchmarks/rank_compute.py --dry-run --out /tmp/rc.json  # CPU, reference kernel, tiny sizes
+    python benchmarks/rank_compute.py --profile 8192 --out rc.json  # also: the op table of one document's ranks
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import platform
 import sys
 import time
+import warnings
 
 import torch
 
 from ringpack import mixes
 from ringpack.backends import select_backend
-from ringpack.bench import Config, Runner, Shape
+from ringpack.bench import Config, Runner, Shape, report_header, script_environment
 from ringpack.comm import Pending, Ring
 from ringpack.packing import lengths_to_cu_seqlens
 from ringpack.plan import Plan, make_plan, shard
-from ringpack.ring import RingAttention, _gather
+from ringpack.ring import RingAttention, kv_message
 
 
 class Delivered(Ring):
     """Rank ``rank`` of ``plan`` with every exchange done already: a forward shift (``s > 0``) returns the rows
     rank ``r - s`` would send (gathered once, up front), a returning shift (``s < 0``) a zero buffer."""
 
-    def __init__(self, plan: Plan, rank: int, kv_by_rank: list[torch.Tensor]):
+    def __init__(self, plan: Plan, rank: int, kv_by_rank: list[tuple[torch.Tensor, torch.Tensor]]):
         self.group, self.rank, self.size = None, rank, plan.world_size
-        self.kv = {s: _gather(kv_by_rank[step.source], step.recv_runs)
+        self.kv = {s: kv_message(*kv_by_rank[step.source], step.recv_runs)
                    for s, step in enumerate(plan.steps[rank]) if s > 0}
         self.returned: dict[tuple, torch.Tensor] = {}
 
@@ -59,7 +59,7 @@ class Delivered(Ring):
 
 def rank_runs(plan: Plan, q, k, v, dout, backend, scale: float, backward: bool) -> list:
     """One closure per rank running that rank's ring loops on its shard of the global ``q, k, v``."""
-    kv = [torch.stack((shard(k, plan, r), shard(v, plan, r)), dim=1) for r in range(plan.world_size)]
+    kv = [(shard(k, plan, r), shard(v, plan, r)) for r in range(plan.world_size)]
     runs = []
     for r in range(plan.world_size):
         ring = Delivered(plan, r, kv)
@@ -94,6 +94,62 @@ def measure(r: Runner, lengths: list[int], world: int, strategy: str, backend_na
             "tiles_per_rank": [sum(plan.tiles_per_step(x)) for x in range(world)]}
 
 
+def issue_and_syncs(r: Runner, run) -> str:
+    """Host time to issue one ``run`` against its total time (close: the host, not the GPU, sets the pace), and
+    the calls that synchronise with the device on the way (CUDA's sync debug mode)."""
+    r.sync()
+    t0 = time.perf_counter()
+    run()
+    issued = time.perf_counter() - t0
+    r.sync()
+    total = time.perf_counter() - t0
+    caught = []
+    if r.device.type == "cuda":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        r.sync()
+    syncs = "; ".join(str(w.message).splitlines()[0][:160] for w in caught[:5])
+    return (f"host issue {1e3 * issued:.3f} ms of {1e3 * total:.3f} ms; synchronising calls: {len(caught)}"
+            + (f" ({syncs})" if syncs else ""))
+
+
+def profile(r: Runner, tokens_per_rank: int, world: int, backend_name: str) -> str:
+    """torch.profiler's op table (by device time) of one document's whole batch and of each rank, fwd+bwd."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cu = lengths_to_cu_seqlens([tokens_per_rank * world])
+    plan = make_plan(cu, world)
+    backend = select_backend(backend_name, r.spec())
+    q, k, v = r.qkv(int(cu[-1]), False)
+    dout = torch.randn(q.shape, device=r.device, dtype=r.dtype, generator=r.gen)
+    scale = 1.0 / math.sqrt(r.cfg.shape.head_dim)
+    whole = rank_runs(make_plan(cu, 1, strategy="contiguous"), q, k, v, dout, backend, scale, True)
+    runs = [("whole batch, one rank", whole[0])]
+    runs += [(f"rank {i} of {world}", run) for i, run in enumerate(rank_runs(plan, q, k, v, dout, backend, scale,
+                                                                             True))]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if r.device.type == "cuda" else [])
+    parts = []
+    for what, run in runs:
+        for _ in range(3):
+            run()
+        r.sync()
+        with torch_profile(activities=activities) as prof:
+            for _ in range(5):
+                run()
+            r.sync()
+        sort = "self_cuda_time_total" if r.device.type == "cuda" else "self_cpu_time_total"
+        parts.append(f"## {what}: one document, {tokens_per_rank * world} tokens, {backend_name}, fwd+bwd x 5\n\n"
+                     f"{issue_and_syncs(r, run)}\n\n"
+                     + prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
+    return "\n\n".join(parts) + "\n"
+
+
 def grid(world: int, dry_run: bool) -> list[tuple[str, int, list[int], tuple[str, ...], tuple[str, ...], tuple]]:
     """(mix, tokens per rank, lengths, strategies, backends, passes) to measure, in order."""
     if dry_run:
@@ -114,13 +170,11 @@ def grid(world: int, dry_run: bool) -> list[tuple[str, int, list[int], tuple[str
 
 
 def markdown(rows: list[dict], env: dict) -> str:
-    lines = ["# Each rank's compute, one rank at a time on one GPU (the exchange free)", "",
-             f"- device: {env['device']}; torch {env['torch']}, CUDA {env['cuda']}; date (UTC) {env['date']}",
-             f"- command: `{env['command']}`",
-             f"- shape {env['shape']}, causal; P = {env['world']} ranks",
-             "- compute efficiency = T1 / (P x max over ranks of the rank's time): an upper bound of the P-GPU ring",
-             "  efficiency when the exchange is hidden; not a 2-GPU measurement", "",
-             "| mix | tokens/rank | strategy | backend | pass | T1 s | rank times s | compute efficiency | "
+    lines = report_header("Each rank's compute, one rank at a time on one GPU (the exchange free)", env, [
+        f"- shape {env['shape']}, causal; P = {env['world']} ranks",
+        "- compute efficiency = T1 / (P x max over ranks of the rank's time): an upper bound of the P-GPU ring",
+        "  efficiency when the exchange is hidden; not a 2-GPU measurement"])
+    lines += ["| mix | tokens/rank | strategy | backend | pass | T1 s | rank times s | compute efficiency | "
              "fwd KV MB sent | tiles per rank |", "|---|---|---|---|---|---|---|---|---|---|"]
     for x in rows:
         if "error" in x:
@@ -140,14 +194,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", default="rank_compute.json", help="JSON file; the markdown table goes beside it (.md)")
     p.add_argument("--budget-s", type=float, default=240.0, help="skip what is left after this many seconds")
     p.add_argument("--dry-run", action="store_true", help="CPU, reference kernel, tiny sizes (checks the script)")
+    p.add_argument("--mix", choices=("one doc", "2k docs", "long tail"), help="measure only this mix")
+    p.add_argument("--tokens-per-rank", type=int, help="measure only this size (8192, 32768 or 131072)")
+    p.add_argument("--profile", type=int, default=0, metavar="TOKENS_PER_RANK",
+                   help="first write torch.profiler's op tables of one document of this many tokens per rank "
+                        "(auto) beside --out (.profile.txt)")
     args = p.parse_args(argv)
     shape = Shape(heads=4, kv_heads=2, head_dim=16, dtype="float64") if args.dry_run else Shape()
     cfg = Config(tokens_per_gpu=(), backends=(), kernel_backends=(), kernel_tokens=0, reps=1 if args.dry_run else 3,
                  min_round_s=0.0 if args.dry_run else 0.2, budget_s=args.budget_s, million=0, sections=(), shape=shape,
                  device="cpu" if args.dry_run else "cuda", out=args.out)
     r = Runner(cfg, 0, 1)
+    if args.profile:
+        with open(args.out.removesuffix(".json") + ".profile.txt", "w") as f:
+            f.write(profile(r, args.profile, args.world, "reference" if args.dry_run else "auto"))
     start, rows = time.perf_counter(), []
     for mix, tpg, lengths, strategies, backends, passes in grid(args.world, args.dry_run):
+        if (args.mix or mix) != mix or (args.tokens_per_rank or tpg) != tpg:
+            continue
         for backend in backends:
             for strategy in strategies:
                 for backward in passes:
@@ -161,11 +225,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     except (RuntimeError, ValueError) as e:  # recorded in the table; the other rows still run
                         rows.append({**head, "error": f"{type(e).__name__}: {e}"[:300]})
                     print(f"rank_compute: {rows[-1]}", flush=True)
-    cuda = r.device.type == "cuda"
-    env = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-           "torch": torch.__version__, "cuda": torch.version.cuda, "world": args.world, "shape": vars(shape),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": " ".join(["python benchmarks/rank_compute.py", *(sys.argv[1:] if argv is None else argv)])}
+    env = script_environment("benchmarks/rank_compute.py", sys.argv[1:] if argv is None else argv, r.device,
+                             world=args.world, shape=vars(shape))
     with open(args.out, "w") as f:
         json.dump({"environment": env, "rows": rows}, f, indent=1)
     with open(args.out.removesuffix(".json") + ".md", "w") as f:

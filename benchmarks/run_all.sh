@@ -7,8 +7,9 @@
 # plots. Order: build, GPU tests (each test file in its own pytest run, so a crash or a timeout loses
 # one file's report, not all), then the benchmarks with what is left of TOTAL_S; sections that do not
 # fit are listed as skipped in bench.md. With one GPU the ring runs as thread ranks in the tests, and the
-# benchmarks measure the local kernels and each rank's compute of a 2-rank ring, one rank at a time
-# (benchmarks/rank_compute.py; ring efficiency itself needs 2 or more GPUs).
+# benchmarks measure the local kernels, each tile of a 2-rank ring (benchmarks/tile_kernels.py) and each
+# rank's compute of that ring, one rank at a time (benchmarks/rank_compute.py; ring efficiency itself needs
+# 2 or more GPUs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -47,11 +48,12 @@ if (( gpus < 2 )); then
   threads=$ring::test_thread_ranks_one_gpu_real_kernels
   run_tests 200 -s "$ring::test_one_gpu_every_backend" "$ring::test_auto_split_between_cudnn_and_flash" \
     "$threads[2-auto]" "$threads[2-torch_flash]" "$threads[2-cudnn]" "$threads[3-auto]"
-  run_tests 60 tests/gpu/test_compile.py
+  run_tests 100 tests/gpu/test_compile.py  # three tests, about 71 s on an H200 (mostly compiling)
   budget=$(( TOTAL_S - $(elapsed) - 90 ))
   echo "== benchmarks (budget ${budget} s, at $(elapsed) s)"
   python3 -m ringpack bench --out "$OUT" --budget-s 30 --sections kernel --world 1 "$@"
-  python3 benchmarks/rank_compute.py --out "$OUT/rank_compute.json" --budget-s $(( budget - 40 ))
+  python3 benchmarks/tile_kernels.py --out "$OUT/tile_kernels.json"
+  python3 benchmarks/rank_compute.py --out "$OUT/rank_compute.json" --budget-s $(( budget - 80 ))
   run_tests $(( TOTAL_S - $(elapsed) - 5 )) -s "$threads[2-flex]"
 else
   run_tests 90 tests/gpu/test_compile.py

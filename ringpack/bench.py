@@ -411,6 +411,20 @@ def environment(cfg: Config, world: int) -> dict:
     return env
 
 
+def script_environment(script: str, argv: list[str], device: torch.device, **extra) -> dict:
+    """Device, versions, date and command line of a one-GPU benchmark script's run, for its JSON and markdown."""
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([f"python {script}", *argv]), **extra}
+
+
+def report_header(title: str, env: dict, notes: list[str]) -> list[str]:
+    """The opening lines of a benchmark script's markdown report: title, device, versions, command, ``notes``."""
+    return [f"# {title}", "", f"- device: {env['device']}; torch {env['torch']}, CUDA {env['cuda']}; date (UTC) "
+            f"{env['date']}", f"- command: `{env['command']}`", *notes, ""]
+
+
 def write_results(results: dict, cfg: Config, world: int) -> None:
     """``bench.json``, ``bench.md`` and PNG plots (when matplotlib is there) in ``cfg.out``."""
     out = Path(cfg.out)

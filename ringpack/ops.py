@@ -93,7 +93,7 @@ def ring_bwd(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: 
     c = context(handle)
     dq, dk, dv = ring_mod._backward(dout.contiguous(), dlse if c.lse_grad else None, q, k, v, out, lse, c.plan,
                                     c.ring, c.backend, c.scale, c.softcap)
-    return dq, dk.contiguous(), dv.contiguous()  # dk, dv may be views of one buffer; op outputs must not alias
+    return dq, dk.contiguous(), dv.contiguous()  # laid out as the fake says (a kernel's own dk may be a view)
 
 
 @ring_bwd.register_fake

@@ -149,7 +149,7 @@ class Plan:
         """KV tokens each rank sends at each forward step (``[rank][step]``; step 0 is local and sends none).
 
         Bytes on the wire are ``tokens * 2 * Hk * D * itemsize``; the backward sends the same KV and
-        returns the fp32 dK/dV of the same rows to their owner.
+        returns the dK/dV of the same rows to their owner (16-bit where ``key_depth`` allows, else fp32).
         """
         return tuple(tuple(sum(n for _, n in self.send_runs(r, s)) for s in range(self.world_size))
                      for r in range(self.world_size))
@@ -159,16 +159,35 @@ class Plan:
         """Per rank, the most partial results one query row receives: the waves (of all steps) covering it.
 
         A wave's tiles have disjoint rows, so each wave gives a row at most one partial ``out``/``dq``."""
-        depths = []
+        return tuple(_deepest([(t.q_start, t.q_start + t.q_len) for step in steps for t in step.tiles])
+                     for steps in self.steps)
+
+    @functools.cached_property
+    def key_depth(self) -> tuple[int, ...]:
+        """Per rank, the most partial dK/dV one of its key rows receives: the tiles of every rank and step reading it.
+
+        Tiles of one wave may read the same keys (their query rows are disjoint, not their keys), so tiles are
+        counted here, not waves. A tile's keys index the received buffer: ``recv_runs`` maps them back::
+
+            recv_runs (40, 8), (4, 2): buffer rows 0..7 are source rows 40..47, buffer rows 8..9 are 4..5
+        """
+        spans: list[list[tuple[int, int]]] = [[] for _ in range(self.world_size)]
         for steps in self.steps:
-            edges = sorted((t.q_start + t.q_len * end, -1 if end else 1)
-                           for step in steps for t in step.tiles for end in (0, 1))
-            depth = deepest = 0
-            for _, d in edges:  # at a shared edge, ends (-1) sort before starts
-                depth += d
-                deepest = max(deepest, depth)
-            depths.append(deepest)
-        return tuple(depths)
+            for s, step in enumerate(steps):
+                at = [0]  # buffer row of each run's first row
+                for _, n in step.recv_runs:
+                    at.append(at[-1] + n)
+                for t in step.tiles:
+                    a, b = t.k_start, t.k_start + t.k_len
+                    if s == 0:  # the own shard
+                        spans[step.source].append((a, b))
+                        continue
+                    i = bisect.bisect_right(at, a) - 1
+                    while i < len(step.recv_runs) and at[i] < b:
+                        row = step.recv_runs[i][0]
+                        spans[step.source].append((row + max(a, at[i]) - at[i], row + min(b, at[i + 1]) - at[i]))
+                        i += 1
+        return tuple(_deepest(x) for x in spans)
 
     def tiles_per_step(self, rank: int) -> tuple[int, ...]:
         return tuple(len(step.tiles) for step in self.steps[rank])
@@ -190,6 +209,16 @@ class Plan:
             lines.append(f"  rank {r}: tokens={self.num_tokens[r]} segments={len(self.segments[r])} "
                          f"tiles={tiles} pairs={self.work(r)}")
         return "\n".join(lines)
+
+
+def _deepest(spans: list[tuple[int, int]]) -> int:
+    """The most ``[start, stop)`` spans that share one row (0 for none)."""
+    edges = sorted((pos, d) for a, b in spans for pos, d in ((a, 1), (b, -1)))
+    depth = deepest = 0
+    for _, d in edges:  # at a shared edge, ends (-1) sort before starts
+        depth += d
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def make_plan(cu_seqlens: Sequence[int] | torch.Tensor, world_size: int, *, strategy: str = "balanced",

@@ -88,6 +88,7 @@ def _check_invariants(plan, cu):
     owned = Counter(t for r in range(world) for t in _global_index(plan, r))
     assert sorted(owned) == list(range(cu[-1])) and set(owned.values()) <= {1}
     computed = Counter()
+    key_reads, query_waves = Counter(), Counter()  # global token -> tiles reading it as a key / waves covering it
     for r in range(world):
         q_index = _global_index(plan, r)
         for s, step in enumerate(plan.steps[r]):
@@ -101,6 +102,8 @@ def _check_invariants(plan, cu):
             for wave in step.waves:
                 rows = [x for t in wave.tiles for x in range(t.q_start, t.q_start + t.q_len)]
                 assert len(rows) == len(set(rows)), "tiles of one wave share query rows"
+                query_waves.update(q_index[x] for x in rows)
+                key_reads.update(k_index[x] for t in wave.tiles for x in range(t.k_start, t.k_start + t.k_len))
                 for t in wave.tiles:
                     tile_pairs = [(q_index[t.q_start + a], k_index[t.k_start + b])
                                   for a in range(t.q_len) for b in range(t.k_len) if t.lo <= b - a <= t.hi]
@@ -113,6 +116,19 @@ def _check_invariants(plan, cu):
     assert set(computed.values()) <= {1}, "a visible pair is computed more than once"
     assert set(computed) == _visible_pairs(cu, causal, window)
     assert sum(plan.work(r) for r in range(world)) == len(computed)
+    for r in range(world):  # the depths that decide where 16-bit accumulation is exact (ring.ROUND_ONCE_DEPTH)
+        assert plan.query_depth[r] == max((query_waves[t] for t in _global_index(plan, r)), default=0)
+        assert plan.key_depth[r] == max((key_reads[t] for t in _global_index(plan, r)), default=0)
+
+
+def test_key_depth_counts_tiles_not_waves():
+    """One wave's tiles may read the same keys (here a window over a non-causal document cut across 4 ranks):
+    each is a separate dK/dV partial, so a key depth counted in waves would under-count and round twice."""
+    plan = ringpack.make_plan(ringpack.lengths_to_cu_seqlens([3, 1, 97, 7]), 4, strategy="balanced", causal=False)
+    tiles = [(t.k_start, t.k_len) for t in plan.steps[0][0].waves[0].tiles]
+    assert len(tiles) > len(set(tiles)), "the example lost its tiles that share keys"
+    waves_on_rank0_keys = sum(len(step.waves) for steps in plan.steps for step in steps if step.source == 0)
+    assert plan.key_depth[0] > waves_on_rank0_keys  # more partials than any count of waves could give
 
 
 def test_band_pairs_matches_brute_force():

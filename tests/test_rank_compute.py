@@ -1,4 +1,4 @@
-"""The one-GPU rank-by-rank benchmark harness (``benchmarks/rank_compute.py``), checked on the CPU in float64.
+"""The one-GPU benchmark harnesses (``benchmarks/rank_compute.py``, ``tile_kernels.py``), checked on the CPU in float64.
 
 Its numbers are only worth something if each rank really runs its share of the ring: a ``Delivered`` ring that
 handed a rank the wrong rows, or none, would time a different computation. Run rank by rank, every rank's
@@ -20,11 +20,11 @@ from ringpack import lengths_to_cu_seqlens, make_plan, shard
 from ringpack.backends import BACKENDS
 from ringpack.checking import reference_attention
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "rank_compute.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("rank_compute", SCRIPT)
+def _load(name: str = "rank_compute"):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -60,3 +60,24 @@ def test_dry_run_writes_json_and_markdown(tmp_path):
     assert {x["strategy"] for x in data["rows"]} == {"balanced", "zigzag"}
     assert all(x["compute_efficiency"] > 0 and len(x["rank_s"]) == 2 for x in data["rows"])
     assert "compute efficiency" in (tmp_path / "rc.md").read_text()
+
+
+def test_dry_run_profile_and_filters(tmp_path):
+    rows = _load().main(["--dry-run", "--mix", "long tail", "--profile", "32", "--out", str(tmp_path / "rc.json")])
+    assert rows and {x["mix"] for x in rows} == {"long tail"}
+    text = (tmp_path / "rc.profile.txt").read_text()
+    assert text.count("synchronising calls: 0") == 3, text[:500]  # the whole batch and both ranks
+    assert not _load().main(["--dry-run", "--mix", "2k docs", "--out", str(tmp_path / "none.json")])
+
+
+def test_tile_kernels_dry_run_times_every_tile_of_a_two_rank_ring(tmp_path):
+    tk = _load("tile_kernels")
+    rows = tk.main(["--dry-run", "--out", str(tmp_path / "tiles.json")])
+    assert len(rows) == 4 and all("error" not in x and x["fwd_s"] > 0 and x["bwd_s"] > 0 for x in rows), rows
+    pairs = [tk.tile(x["q_len"], x["k_len"], x["causal"]).pairs for x in rows]
+    assert pairs[0] == 2 * (pairs[1] + pairs[2]) == 2 * (pairs[1] + pairs[3])  # each rank: half the whole batch
+    (share,) = json.loads((tmp_path / "tiles.json").read_text())["shares"]
+    assert share["fwd"] > 0 and share["fwd+bwd"] > 0
+    assert "kernel share" in (tmp_path / "tiles.md").read_text()
+    with pytest.raises(ValueError, match="causal tile here is square"):
+        tk.tile(4, 8, True)

@@ -25,9 +25,12 @@ class AutoBackend(Backend):
     def __init__(self, backends: list[Backend]):
         if not backends:
             raise ValueError("auto needs at least one backend")
-        self.backends = backends
+        # The first backend that takes every tile gets all the rest: those after it never run, and must not
+        # decide what auto promises (on a GPU: cudnn, torch_flash; flex and the reference stay unused).
+        last = next((i for i, b in enumerate(backends) if not b.selective), len(backends) - 1)
+        self.backends = backends[:last + 1]
         # an assembled wave holds one sub-wave's gradient per row: still exact 16-bit values
-        self.grads_in_input_dtype = all(b.grads_in_input_dtype for b in backends)
+        self.grads_in_input_dtype = all(b.grads_in_input_dtype for b in self.backends)
 
     def not_supported_reasons(self, spec):
         return [r for b in self.backends for r in b.not_supported_reasons(spec)]

@@ -54,13 +54,17 @@ class Backend(abc.ABC):
     # bwd returns 16-bit gradients for 16-bit inputs (cuDNN, FlashAttention): each partial dq is then an
     # exact 16-bit value, and the ring may sum two of them in the input dtype (see ring.ROUND_ONCE_DEPTH)
     grads_in_input_dtype: bool = False
+    # ``accepts`` turns some tiles away (auto looks further down its list); False: it takes every tile it can run
+    selective: bool = False
 
     @abc.abstractmethod
     def not_supported_reasons(self, spec: AttnSpec) -> list[str]:
         """Why this backend cannot run ``spec``; empty when it can."""
 
     def accepts(self, tile: Tile) -> bool:
-        """Whether ``auto`` should give ``tile`` to this backend: it can run it and is worth a call for it."""
+        """Whether ``auto`` should give ``tile`` to this backend: it can run it and is worth a call for it.
+
+        A backend that overrides this sets ``selective``."""
         return True
 
     @abc.abstractmethod

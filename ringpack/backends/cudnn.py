@@ -86,8 +86,27 @@ def _as_BHSD(x_NHD: torch.Tensor, count: int) -> torch.Tensor:
     return x_NHD.unflatten(0, (count, -1)).transpose(1, 2)
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` contiguous, in one copy of 8-byte words where the layout allows (a quarter of the elements of a
+    16-bit copy). cuDNN lays a result out like its inputs when they are dense rows; where they are not, its result
+    comes in ``[B, H, S, D]`` storage, a transposed view as rows that flattening would copy element by element
+    and later adds would read strided."""
+    if x.is_contiguous():
+        return x
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    w = 8 // x.element_size()
+    if (x.stride(-1) == 1 and x.shape[-1] % w == 0 and x.storage_offset() % w == 0
+            and all(st % w == 0 for st in x.stride()[:-1])):
+        out.view(torch.int64).copy_(x.view(torch.int64))  # the same bits, a quarter of the elements
+    else:
+        out.copy_(x)
+    return out
+
+
 def _as_NHD(x_BHSD: torch.Tensor) -> torch.Tensor:
-    return x_BHSD.transpose(1, 2).flatten(0, 1)  # a view: cuDNN lays results out like its inputs
+    """The ``[B * S, H, D]`` rows of a result: a view where cuDNN laid it out as rows like its inputs, else one copy
+    (``_rows``)."""
+    return _rows(x_BHSD.transpose(1, 2)).flatten(0, 1)
 
 
 def _lse_HN(lse_BHS1: torch.Tensor) -> torch.Tensor:
@@ -113,6 +132,7 @@ def _partition(start: int, stop: int, parts: list[slice]) -> bool:
 class CudnnBackend(Backend):
     name = "cudnn"
     grads_in_input_dtype = True
+    selective = True  # dense tiles of at least min_tile_pairs pairs only
     min_tile_pairs = MIN_TILE_PAIRS
 
     def __init__(self) -> None:

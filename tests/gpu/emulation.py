@@ -171,7 +171,9 @@ def cudnn_bwd(dout, q, k, v, out, lse, seed, offset, attn_bias, cum_q, cum_k, ma
     assert lse.is_contiguous()
     a, b = q.shape[2], k.shape[2]
     assert (max_q, max_k) == (a, b)
-    grads = [torch.empty_like(x) for x in (q, k, v)]
+    # dq laid out like q; dk, dv in [B, Hk, S, D] storage, the layout cuDNN gives when its inputs are not dense rows
+    grads = [torch.empty_like(q), torch.empty(k.shape, dtype=k.dtype, device=k.device),
+             torch.empty(v.shape, dtype=v.dtype, device=v.device)]
     for i in range(q.shape[0]):
         g = _bwd_core(*(_shd(x[i:i + 1]) for x in (dout, q, k, v, out)), lse[i, ..., 0], _top_left(a, b, is_causal),
                       scale)

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 from emulation import (
+    ThreadRing,
     cudnn_bwd,
     cudnn_fwd,
     flash_attn_varlen_bwd,
@@ -227,6 +228,23 @@ def test_cudnn_rejects_one_by_one_tile():
     assert not _cudnn(min_pairs=0).accepts(plan.steps[0][0].waves[0].tiles[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_cudnn_key_grads_become_contiguous_rows_bit_for_bit(dtype):
+    """A result in [B, Hk, S, D] storage becomes rows in one copy of 8-byte words with the same bits; results already
+    laid out as rows stay views."""
+    from ringpack.backends.cudnn import _as_NHD, _rows
+    for batch in (1, 3):
+        x = torch.randn(batch, 2, 40, 16, dtype=torch.float64).to(dtype)  # [B, Hk, S, D] contiguous
+        got = _as_NHD(x)
+        assert got.is_contiguous() and torch.equal(got, x.transpose(1, 2).reshape(-1, 2, 16))
+        rows = torch.randn(batch * 40, 2, 16).to(dtype)  # laid out as rows, like the inputs
+        assert _as_NHD(rows.unflatten(0, (batch, 40)).transpose(1, 2)).data_ptr() == rows.data_ptr()
+    odd = torch.randn(2, 40, 5, dtype=torch.float64).to(dtype).transpose(0, 1)  # a last dim of 5: no 8-byte words
+    assert torch.equal(_rows(odd), odd.contiguous())
+    rows = torch.randn(40, 2, 16).to(dtype)
+    assert _rows(rows) is rows
+
+
 def test_flex_declines_softcap_with_its_reason():
     from ringpack.backends import AttnSpec
     from ringpack.backends.flex import FlexBackend
@@ -237,10 +255,12 @@ def test_flex_declines_softcap_with_its_reason():
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("world,strategy", [(2, "zigzag"), (2, "balanced"), (3, "zigzag")])
 def test_round_once_accumulation_is_bitwise_fp32(monkeypatch, backend, world, strategy):
-    """Rows with at most two partial results accumulate in bf16: the bits must equal an fp32 accumulator's.
+    """Query and key rows with at most two partial results accumulate in bf16, and such keys' dK/dV travel back
+    in bf16: the bits must equal an fp32 accumulator's.
 
     The reference kernel returns fp32 gradients, which a bf16 accumulator would round twice (catches a ring
-    that ignores ``grads_in_input_dtype``); auto over the 16-bit kernels takes the bf16 path."""
+    that ignores ``grads_in_input_dtype``); auto over the 16-bit kernels takes the bf16 path. At world 3 every
+    key has three partials: a key depth counted short would round twice there."""
     from ringpack import ring as ring_mod
     from ringpack.backends.reference import ReferenceBackend
 
@@ -258,7 +278,8 @@ def test_round_once_accumulation_is_bitwise_fp32(monkeypatch, backend, world, st
         cudnn, flash = _cudnn(min_pairs=30 * 30), _flash()
         cudnn.fwd_op, cudnn.bwd_op = bf16(cudnn_fwd, 0), bf16(cudnn_bwd, 3)
         flash.fwd_op, flash.bwd_op = bf16(flash_fwd, 0), bf16(flash_bwd, 3)
-        impl = AutoBackend([cudnn, flash])
+        impl = AutoBackend([cudnn, flash, ReferenceBackend()])  # as select_backend orders them on a GPU
+        assert impl.backends == [cudnn, flash], "auto keeps a backend that can never get a tile"
     cu = lengths_to_cu_seqlens((97, 31, 64, 5, 40))
     plan = make_plan(cu, world, strategy=strategy)
     g = torch.Generator().manual_seed(world)
@@ -266,11 +287,23 @@ def test_round_once_accumulation_is_bitwise_fp32(monkeypatch, backend, world, st
     q, dout = (torch.randn(total, 4, 16, generator=g).bfloat16() for _ in range(2))
     k, v = (torch.randn(total, 2, 16, generator=g).bfloat16() for _ in range(2))
     dlse = torch.randn(4, total, generator=g)
+    returned = []  # dtypes of the dK/dV messages (shifts back, s < 0)
+    shift = ThreadRing.shift
+
+    def recording(self, send, s, recv_shape, dtype, device):
+        if s < 0:
+            returned.append(dtype)
+        return shift(self, send, s, recv_shape, dtype, device)
+
+    monkeypatch.setattr(ThreadRing, "shift", recording)
     got = {}
-    for depth in (ring_mod.ROUND_ONCE_DEPTH, 0):
+    for depth in (0, ring_mod.ROUND_ONCE_DEPTH):
         monkeypatch.setattr(ring_mod, "ROUND_ONCE_DEPTH", depth)
+        returned.clear()
         got[depth] = ring_in_threads(plan, impl, q, k, v, dout, dlse, scale=0.25)
-    assert max(plan.query_depth) == world
+    assert max(plan.query_depth) == max(plan.key_depth) == world
+    # two partials per key: 16-bit messages (half the bytes) from 16-bit kernels; three: fp32
+    assert set(returned) == {torch.bfloat16 if world == 2 and backend == "auto" else torch.float32}
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got[2], got[0]):
         assert torch.equal(a, b), f"{name} differs from the fp32 accumulator's"
 
