@@ -120,7 +120,8 @@ def _backward(dout_NHD, dlse_HN, q_NHD, k_NKD, v_NKD, out_NHD, lse_HN, plan: Pla
     steps = plan.steps[rank]
     only_wave = sum(len(step.waves) for step in steps) == 1
     dq_acc = None
-    # dK/dV of the own keys, and of each step's received keys (sent back to their owner in the owner's dtype)
+    # step -> (dK, dV, message): the own keys' at step 0 (no message), each received step's as the two halves of
+    # the message that takes them back to their owner, in the owner's dtype
     dkv = {0: None}
     returning: list[tuple[Pending, int]] = []  # dK/dV of our rows coming back, with the step that sent them
 
@@ -130,7 +131,7 @@ def _backward(dout_NHD, dlse_HN, q_NHD, k_NKD, v_NKD, out_NHD, lse_HN, plan: Pla
         and copy runs over contiguous rows)."""
         if dkv[s] is None:
             if s == 0:
-                dkv[0] = tuple(torch.zeros(k_NKD.shape, dtype=dtype, device=q_NHD.device) for _ in "kv")
+                dkv[0] = (*(torch.zeros(k_NKD.shape, dtype=dtype, device=q_NHD.device) for _ in "kv"), None)
             else:
                 buf = torch.zeros((2, m, *k_NKD.shape[1:]), dtype=dtype, device=q_NHD.device)
                 dkv[s] = (buf[0], buf[1], buf)
@@ -178,7 +179,7 @@ def _backward(dout_NHD, dlse_HN, q_NHD, k_NKD, v_NKD, out_NHD, lse_HN, plan: Pla
                     dq_acc = torch.zeros(q_NHD.shape, dtype=dq_dtype, device=q_NHD.device)
                 dq_acc[q0:q1] += dq
             if kv_whole and s == 0:
-                dkv[0] = (dk.to(kv_dtype), dv.to(kv_dtype))
+                dkv[0] = (dk.to(kv_dtype), dv.to(kv_dtype), None)
             elif kv_whole:
                 buf = torch.empty((2, m, *k_NKD.shape[1:]), dtype=kv_dtype, device=q_NHD.device)
                 buf[0], buf[1] = dk, dv
