@@ -29,7 +29,7 @@ import torch
 
 from ringpack import mixes
 from ringpack.backends import select_backend
-from ringpack.bench import Config, Runner, Shape, report_header, script_environment
+from ringpack.bench import Runner, report_header, script_environment, script_runner
 from ringpack.comm import Pending, Ring
 from ringpack.packing import lengths_to_cu_seqlens
 from ringpack.plan import Plan, make_plan, shard
@@ -195,16 +195,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--budget-s", type=float, default=240.0, help="skip what is left after this many seconds")
     p.add_argument("--dry-run", action="store_true", help="CPU, reference kernel, tiny sizes (checks the script)")
     p.add_argument("--mix", choices=("one doc", "2k docs", "long tail"), help="measure only this mix")
-    p.add_argument("--tokens-per-rank", type=int, help="measure only this size (8192, 32768 or 131072)")
+    p.add_argument("--tokens-per-rank", type=int, choices=(8192, 32768, 131072), help="measure only this size")
     p.add_argument("--profile", type=int, default=0, metavar="TOKENS_PER_RANK",
                    help="first write torch.profiler's op tables of one document of this many tokens per rank "
                         "(auto) beside --out (.profile.txt)")
     args = p.parse_args(argv)
-    shape = Shape(heads=4, kv_heads=2, head_dim=16, dtype="float64") if args.dry_run else Shape()
-    cfg = Config(tokens_per_gpu=(), backends=(), kernel_backends=(), kernel_tokens=0, reps=1 if args.dry_run else 3,
-                 min_round_s=0.0 if args.dry_run else 0.2, budget_s=args.budget_s, million=0, sections=(), shape=shape,
-                 device="cpu" if args.dry_run else "cuda", out=args.out)
-    r = Runner(cfg, 0, 1)
+    r = script_runner(args.dry_run, budget_s=args.budget_s, out=args.out)
+    shape = r.cfg.shape
     if args.profile:
         with open(args.out.removesuffix(".json") + ".profile.txt", "w") as f:
             f.write(profile(r, args.profile, args.world, "reference" if args.dry_run else "auto"))

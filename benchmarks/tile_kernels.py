@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import sys
-import time
 
 import torch
 
-from ringpack.backends import AttnSpec, select_backend
-from ringpack.bench import report_header, script_environment
+from ringpack.backends import select_backend
+from ringpack.bench import Runner, report_header, script_environment, script_runner
 from ringpack.mask import band_pairs
 from ringpack.plan import Tile, Wave
 
@@ -39,38 +36,19 @@ def tile(q_len: int, k_len: int, causal: bool) -> Tile:
     return Tile(0, q_len, 0, k_len, lo, hi, band_pairs(q_len, k_len, lo, hi))
 
 
-def timed(fn, reps: int, min_s: float, sync) -> float:
-    """Median seconds per call over five rounds of at least ``reps`` calls and ``min_s`` seconds."""
-    fn()
-    sync()
-    t = time.perf_counter()
-    fn()
-    sync()
-    n = max(reps, math.ceil(min_s / max(time.perf_counter() - t, 1e-6)))
-    rounds = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        sync()
-        rounds.append((time.perf_counter() - t) / n)
-    return statistics.median(rounds)
-
-
-def measure(backend, t: Tile, heads: int, kv_heads: int, head_dim: int, dtype, device, reps: int,
-            min_s: float) -> dict:
-    gen = torch.Generator(device=device).manual_seed(0)
-    q, dout = (torch.randn(t.q_len, heads, head_dim, device=device, dtype=dtype, generator=gen) for _ in "ab")
-    k, v = (torch.randn(t.k_len, kv_heads, head_dim, device=device, dtype=dtype, generator=gen) for _ in "ab")
+def measure(r: Runner, backend, t: Tile) -> dict:
+    """Seconds per forward and per backward (against the tile's own out/lse) of the one-tile wave ``t``."""
+    shape = r.cfg.shape
+    q, k, v = r.qkv(t.q_len, False)[0], *r.qkv(t.k_len, False)[1:]
+    dout = torch.randn(q.shape, device=r.device, dtype=r.dtype, generator=r.gen)
     wave = Wave((t,), (0, t.q_len), (0, t.k_len))
-    scale = head_dim ** -0.5
+    scale = shape.head_dim ** -0.5
     out, lse = backend.fwd(q, k, v, wave, scale=scale, softcap=0.0)
-    lse = lse.float() if dtype != torch.float64 else lse
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    fwd = timed(lambda: backend.fwd(q, k, v, wave, scale=scale, softcap=0.0), reps, min_s, sync)
-    bwd = timed(lambda: backend.bwd(dout, q, k, v, out, lse, None, wave, scale=scale, softcap=0.0), reps, min_s,
-                sync)
-    flops = 4 * t.pairs * heads * head_dim
+    lse = lse.float() if r.dtype != torch.float64 else lse
+    fwd = r.timed(lambda: backend.fwd(q, k, v, wave, scale=scale, softcap=0.0), collective=False)
+    bwd = r.timed(lambda: backend.bwd(dout, q, k, v, out, lse, None, wave, scale=scale, softcap=0.0),
+                  collective=False)
+    flops = 4 * t.pairs * shape.heads * shape.head_dim
     return {"fwd_s": fwd, "bwd_s": bwd, "fwd_tflops": flops / fwd / 1e12, "bwd_tflops": 2.5 * flops / bwd / 1e12}
 
 
@@ -125,28 +103,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", default="tile_kernels.json", help="JSON file; the markdown table goes beside it (.md)")
     p.add_argument("--dry-run", action="store_true", help="CPU, reference kernel, tiny sizes (checks the script)")
     args = p.parse_args(argv)
-    if args.dry_run:
-        device, dtype, (heads, kv_heads, head_dim), ns, names = (torch.device("cpu"), torch.float64, (4, 2, 16),
-                                                                  [64], ["reference"])
-    else:
-        device, dtype, (heads, kv_heads, head_dim) = torch.device("cuda"), torch.bfloat16, (32, 8, 128)
-        ns, names = [int(x) for x in args.tokens_per_rank.split(",")], args.backends.split(",")
-    spec = AttnSpec(device.type, dtype, head_dim, heads, kv_heads, True, False, False, False)
+    r = script_runner(args.dry_run, min_round_s=0.05, out=args.out)
+    shape = r.cfg.shape
+    ns = [64] if args.dry_run else [int(x) for x in args.tokens_per_rank.split(",")]
+    names = ["reference"] if args.dry_run else args.backends.split(",")
     rows = []
     for name in names:
-        backend = select_backend(name, spec)
+        backend = select_backend(name, r.spec())
         for n in ns:
             for role, q_len, k_len, causal in shapes(n):
                 head = {"backend": name, "n": n, "role": role, "q_len": q_len, "k_len": k_len, "causal": causal}
                 try:
-                    rows.append({**head, **measure(backend, tile(q_len, k_len, causal), heads, kv_heads, head_dim,
-                                                   dtype, device, 1 if args.dry_run else 3,
-                                                   0.0 if args.dry_run else 0.05)})
+                    rows.append({**head, **measure(r, backend, tile(q_len, k_len, causal))})
                 except (RuntimeError, ValueError) as e:  # recorded; the other shapes still run
                     rows.append({**head, "error": f"{type(e).__name__}: {e}"[:200]})
                 print(f"tile_kernels: {rows[-1]}", flush=True)
-    env = script_environment("benchmarks/tile_kernels.py", sys.argv[1:] if argv is None else argv, device,
-                             shape={"heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": str(dtype)})
+    env = script_environment("benchmarks/tile_kernels.py", sys.argv[1:] if argv is None else argv, r.device,
+                             shape=vars(shape))
     with open(args.out, "w") as f:
         json.dump({"environment": env, "rows": rows, "shares": shares(rows)}, f, indent=1)
     with open(args.out.removesuffix(".json") + ".md", "w") as f:

@@ -411,6 +411,17 @@ def environment(cfg: Config, world: int) -> dict:
     return env
 
 
+def script_runner(dry_run: bool, *, budget_s: float = float("inf"), min_round_s: float = 0.2,
+                  out: str = "") -> Runner:
+    """A one-rank ``Runner`` for a one-GPU benchmark script: Llama-3-8B attention in bf16 on CUDA, or a tiny
+    float64 shape on the CPU with ``dry_run``; its ``timed`` is the rule every benchmark here times by."""
+    shape = Shape(heads=4, kv_heads=2, head_dim=16, dtype="float64") if dry_run else Shape()
+    cfg = Config(tokens_per_gpu=(), backends=(), kernel_backends=(), kernel_tokens=0, reps=1 if dry_run else 3,
+                 min_round_s=0.0 if dry_run else min_round_s, budget_s=budget_s, million=0, sections=(),
+                 shape=shape, device="cpu" if dry_run else "cuda", out=out)
+    return Runner(cfg, 0, 1)
+
+
 def script_environment(script: str, argv: list[str], device: torch.device, **extra) -> dict:
     """Device, versions, date and command line of a one-GPU benchmark script's run, for its JSON and markdown."""
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
