@@ -14,9 +14,9 @@ import sys
 import time
 
 import torch
+from mixes import MIXES
 
 import ringpack
-from ringpack.mixes import MIXES
 
 
 def measure(lengths: list[int], world: int, strategy: str, repeats: int) -> tuple[float, float, int]:

@@ -22,11 +22,11 @@ import time
 
 import torch
 import torch.distributed as dist
+from mixes import long_tail, uniform
 
 from ringpack import lengths_to_cu_seqlens, make_plan, shard
 from ringpack.backends import AttnSpec, select_backend
 from ringpack.comm import Ring
-from ringpack.mixes import long_tail, uniform
 from ringpack.ring import RingAttention
 
 

@@ -25,15 +25,16 @@ import sys
 import time
 import warnings
 
+import mixes
 import torch
+from bench import Runner, report_header, script_environment, script_runner
 
-from ringpack import mixes
 from ringpack.backends import select_backend
-from ringpack.bench import Runner, report_header, script_environment, script_runner
 from ringpack.comm import Pending, Ring
 from ringpack.packing import lengths_to_cu_seqlens
-from ringpack.plan import Plan, make_plan, shard
+from ringpack.plan import Plan, make_plan
 from ringpack.ring import RingAttention, kv_message
+from ringpack.sharding import shard
 
 
 class Delivered(Ring):

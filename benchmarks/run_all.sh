@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command on a GPU machine: build the CUDA extension, run the GPU tests, run the benchmarks.
 #
-#   OUT=dir TOTAL_S=540 benchmarks/run_all.sh [extra `python -m ringpack bench` options]
+#   OUT=dir TOTAL_S=540 benchmarks/run_all.sh [extra `python benchmarks/bench.py` options]
 #
 # Writes into $OUT (default benchmarks/results): build.log, tests.log, bench.json, bench.md and PNG
 # plots. Order: build, GPU tests (each test file in its own pytest run, so a crash or a timeout loses
@@ -51,7 +51,7 @@ if (( gpus < 2 )); then
   run_tests 100 tests/gpu/test_compile.py  # three tests, about 71 s on an H200 (mostly compiling)
   budget=$(( TOTAL_S - $(elapsed) - 90 ))
   echo "== benchmarks (budget ${budget} s, at $(elapsed) s)"
-  python3 -m ringpack bench --out "$OUT" --budget-s 30 --sections kernel --world 1 "$@"
+  python3 benchmarks/bench.py --out "$OUT" --budget-s 30 --sections kernel --world 1 "$@"
   python3 benchmarks/tile_kernels.py --out "$OUT/tile_kernels.json"
   python3 benchmarks/rank_compute.py --out "$OUT/rank_compute.json" --budget-s $(( budget - 80 ))
   run_tests $(( TOTAL_S - $(elapsed) - 5 )) -s "$threads[2-flex]"
@@ -60,6 +60,6 @@ else
   run_tests 240 -s tests/gpu/test_gpu_ring.py
   budget=$(( TOTAL_S - $(elapsed) - 30 ))
   echo "== benchmarks (budget ${budget} s, at $(elapsed) s)"
-  python3 -m ringpack bench --out "$OUT" --budget-s "$budget" "$@"
+  python3 benchmarks/bench.py --out "$OUT" --budget-s "$budget" "$@"
 fi
 echo "== done in $(elapsed) s"

@@ -21,11 +21,11 @@ import json
 import sys
 
 import torch
+from bench import Runner, report_header, script_environment, script_runner
 
+from ringpack import schedule
 from ringpack.backends import select_backend
-from ringpack.bench import Runner, report_header, script_environment, script_runner
-from ringpack.mask import band_pairs
-from ringpack.plan import Tile, Wave
+from ringpack.schedule import Tile, Wave
 
 
 def tile(q_len: int, k_len: int, causal: bool) -> Tile:
@@ -33,7 +33,7 @@ def tile(q_len: int, k_len: int, causal: bool) -> Tile:
     if causal and q_len != k_len:
         raise ValueError(f"a causal tile here is square, got {q_len} x {k_len}")
     lo, hi = 1 - q_len, (0 if causal else k_len - 1)
-    return Tile(0, q_len, 0, k_len, lo, hi, band_pairs(q_len, k_len, lo, hi))
+    return schedule.tile(0, q_len, 0, k_len, lo, hi)
 
 
 def measure(r: Runner, backend, t: Tile) -> dict:

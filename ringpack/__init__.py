@@ -1,5 +1,6 @@
 """ringpack: exact context-parallel (ring) attention over packed variable-length sequences."""
 
+from ringpack.attention import ring_attention
 from ringpack.packing import (
     MultipackBatchSampler,
     PackingCollator,
@@ -10,8 +11,8 @@ from ringpack.packing import (
     position_ids_to_cu_seqlens,
     shard_batch,
 )
-from ringpack.plan import STRATEGIES, Plan, make_plan, shard, unshard
-from ringpack.ring import ring_attention
+from ringpack.plan import STRATEGIES, Plan, make_plan
+from ringpack.sharding import gather, shard, unshard
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "STRATEGIES",
     "cu_seqlens_to_lengths",
     "cu_seqlens_to_position_ids",
+    "gather",
     "lengths_to_cu_seqlens",
     "make_plan",
     "multipack",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ringpack import bench, cli, planview
+from ringpack import cli, planview
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,7 +13,6 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     cli.add_check_parser(sub)
     planview.add_plan_parser(sub)
-    bench.add_bench_parser(sub)
     args = parser.parse_args(argv)
     return args.run(args)
 

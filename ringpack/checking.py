@@ -16,12 +16,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
+from ringpack.attention import ring_attention
 from ringpack.backends import AttnSpec, select_backend
 from ringpack.comm import Ring
 from ringpack.distributed import verify_plan
 from ringpack.packing import lengths_to_cu_seqlens
-from ringpack.plan import STRATEGIES, make_plan, shard
-from ringpack.ring import RingAttention, ring_attention
+from ringpack.plan import STRATEGIES, make_plan
+from ringpack.ring import RingAttention
+from ringpack.sharding import shard
 
 
 def reference_attention(q, k, v, cu_seqlens, *, causal: bool, window_size=(-1, -1), softmax_scale=None,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ringpack import ring as ring_mod
 from ringpack.backends.base import Backend
 from ringpack.comm import Ring
 from ringpack.merge import accumulation_dtype
@@ -76,7 +77,6 @@ def context(handle: int) -> Context:
 
 @torch.library.custom_op("ringpack::ring_fwd", mutates_args=())
 def ring_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from ringpack import ring as ring_mod
     c = context(handle)
     return ring_mod._forward(q, k, v, c.plan, c.ring, c.backend, c.scale, c.softcap)
 
@@ -89,7 +89,6 @@ def _(q, k, v, handle):
 @torch.library.custom_op("ringpack::ring_bwd", mutates_args=())
 def ring_bwd(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              out: torch.Tensor, lse: torch.Tensor, handle: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from ringpack import ring as ring_mod
     c = context(handle)
     dq, dk, dv = ring_mod._backward(dout.contiguous(), dlse if c.lse_grad else None, q, k, v, out, lse, c.plan,
                                     c.ring, c.backend, c.scale, c.softcap)

@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ringpack.plan import Plan, shard, validate_cu_seqlens
+from ringpack.plan import Plan, validate_cu_seqlens
+from ringpack.sharding import shard
 
 
 def lengths_to_cu_seqlens(lengths: Sequence[int]) -> torch.Tensor:

@@ -147,13 +147,9 @@ def _assign(docs, k, lengths, whole_cost, world, causal, window, cost):
     return (max(work) / mean_work, max(tokens) / mean_tokens), owner
 
 
-_STRATEGIES: dict[str, Callable[[tuple[int, ...], int, bool, tuple[int, int]], Runs]] = {
+# The strategies by name, in the order ``ringpack.STRATEGIES`` lists them (the default first).
+STRATEGIES: dict[str, Callable[[tuple[int, ...], int, bool, tuple[int, int]], Runs]] = {
     "balanced": balanced,
     "zigzag": zigzag,
     "contiguous": contiguous,
 }
-
-
-def split(strategy: str, cu: tuple[int, ...], world: int, *, causal: bool, window: tuple[int, int]) -> Runs:
-    """Ownership runs of every rank under ``strategy`` (a name in ``plan.STRATEGIES``)."""
-    return _STRATEGIES[strategy](cu, world, causal, window)

@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import bisect
 import functools
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-from ringpack import _ext, partition
+from ringpack import partition
 from ringpack.mask import band, band_pairs
+from ringpack.schedule import Step, Tile, Wave, band_tile, prefix_sums, tile
+from ringpack.validation import boolean, integer
 
-STRATEGIES = ("balanced", "zigzag", "contiguous")
+STRATEGIES = tuple(partition.STRATEGIES)
 
 
 class Segment(NamedTuple):
@@ -44,49 +45,6 @@ class Segment(NamedTuple):
     start: int  # global token index of the first token
     length: int
     local_start: int  # row of the first token in the owner's local shard
-
-
-class Tile(NamedTuple):
-    """Local query rows x remote key rows of one document with at least one visible pair."""
-
-    q_start: int  # first query row in the computing rank's shard
-    q_len: int
-    k_start: int  # first key row in the source rank's shard
-    k_len: int
-    lo: int  # key b is visible to query a iff lo <= b - a <= hi; clipped to the tile
-    hi: int
-    pairs: int  # number of visible (query, key) pairs
-
-    @property
-    def full(self) -> bool:
-        """True when every query of the tile sees every key of the tile."""
-        return self.lo == 1 - self.q_len and self.hi == self.k_len - 1
-
-
-@dataclass(frozen=True)
-class Wave:
-    """Tiles of one step whose query rows are disjoint: one kernel call can run them together."""
-
-    tiles: tuple[Tile, ...]
-    q_span: tuple[int, int]  # [start, stop) hull of the query rows
-    k_span: tuple[int, int]  # [start, stop) hull of the key rows
-
-
-@dataclass(frozen=True)
-class Step:
-    """What one rank does at one ring step."""
-
-    source: int  # rank whose KV is used
-    waves: tuple[Wave, ...]  # at step 0 key rows index the local shard; later, the received buffer
-    recv_runs: tuple[tuple[int, int], ...] = ()  # (row, length) runs of the source's shard received, in order
-
-    @property
-    def recv_tokens(self) -> int:
-        return sum(n for _, n in self.recv_runs)
-
-    @property
-    def tiles(self) -> tuple[Tile, ...]:
-        return tuple(t for w in self.waves for t in w.tiles)
 
 
 @dataclass(frozen=True)
@@ -112,15 +70,12 @@ class Plan:
 
     def local_cu_seqlens(self, rank: int) -> tuple[int, ...]:
         """Boundaries of ``rank``'s segments in its shard (one sequence per segment)."""
-        _check_rank(rank, self.world_size)
-        out = [0]
-        for seg in self.segments[rank]:
-            out.append(out[-1] + seg.length)
-        return tuple(out)
+        check_rank(rank, self.world_size)
+        return tuple(prefix_sums(seg.length for seg in self.segments[rank]))
 
     def position_ids(self, rank: int) -> torch.Tensor:
         """Position of each local token inside its document (int64 ``[N]``)."""
-        _check_rank(rank, self.world_size)
+        check_rank(rank, self.world_size)
         parts = [torch.arange(s.doc_offset, s.doc_offset + s.length) for s in self.segments[rank]]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
@@ -143,6 +98,19 @@ class Plan:
         if step == 0:
             return ()
         return self.steps[(rank + step) % self.world_size][step].recv_runs
+
+    def busy_steps(self, rank: int) -> tuple[int, ...]:
+        """The steps at which ``rank`` computes, sends or receives, ascending; step 0 always.
+
+        Every rank walks its own busy steps in this order, so the exchanges of two ranks are posted in the
+        same relative order on both ends (what point-to-point matching needs) and an idle step costs nothing."""
+        return self._busy[rank]
+
+    @functools.cached_property
+    def _busy(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(s for s in range(self.world_size)
+                           if s == 0 or self.steps[r][s].waves or self.send_runs(r, s))
+                     for r in range(self.world_size))
 
     @functools.cached_property
     def send_tokens(self) -> tuple[tuple[int, ...], ...]:
@@ -174,9 +142,7 @@ class Plan:
         spans: list[list[tuple[int, int]]] = [[] for _ in range(self.world_size)]
         for steps in self.steps:
             for s, step in enumerate(steps):
-                at = [0]  # buffer row of each run's first row
-                for _, n in step.recv_runs:
-                    at.append(at[-1] + n)
+                at = prefix_sums(n for _, n in step.recv_runs)  # buffer row of each run's first row
                 for t in step.tiles:
                     a, b = t.k_start, t.k_start + t.k_len
                     if s == 0:  # the own shard
@@ -234,21 +200,15 @@ def make_plan(cu_seqlens: Sequence[int] | torch.Tensor, world_size: int, *, stra
     sharding of the hidden states; only the tiles and the schedule follow this call's mask.
     """
     cu = validate_cu_seqlens(cu_seqlens)
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    world_size = integer("world_size", world_size, minimum=1)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; supported: {', '.join(STRATEGIES)}")
     window = validate_window(window_size)
-    causal = bool(causal)
+    causal = boolean("causal", causal)
     if layout is None:
-        runs = partition.split(strategy, cu, world_size, causal=causal, window=window)
-    elif not isinstance(layout, Plan):
-        raise ValueError(f"layout must be a ringpack.Plan from make_plan or None, got {type(layout).__name__}")
-    elif (layout.cu_seqlens, layout.world_size, layout.strategy) != (cu, world_size, strategy):
-        raise ValueError(f"layout was made for another batch: {layout.strategy!r} over {layout.world_size} ranks and "
-                         f"{len(layout.cu_seqlens) - 1} documents, asked {strategy!r} over {world_size} ranks and "
-                         f"{len(cu) - 1} documents; pass the plan of this batch")
+        runs = partition.STRATEGIES[strategy](cu, world_size, causal, window)
     else:
+        _check_layout(layout, cu, world_size, strategy)
         runs = layout.ranges
     segments = tuple(_segments(cu, rank_runs) for rank_runs in runs)
     by_doc = [_index_by_doc(segs) for segs in segments]
@@ -267,6 +227,30 @@ def make_plan(cu_seqlens: Sequence[int] | torch.Tensor, world_size: int, *, stra
                 segments=segments, steps=steps)
 
 
+def _check_layout(layout: Plan, cu: tuple[int, ...], world_size: int, strategy: str) -> None:
+    """A ValueError naming what differs when ``layout`` is not a plan of this batch, strategy and world size."""
+    if not isinstance(layout, Plan):
+        raise ValueError(f"layout must be a ringpack.Plan from make_plan or None, got {type(layout).__name__}")
+    if layout.strategy != strategy or layout.world_size != world_size:
+        raise ValueError(f"layout was made with strategy {layout.strategy!r} over {layout.world_size} ranks, this plan "
+                         f"asks {strategy!r} over {world_size}; make both with the same strategy and world size")
+    if layout.cu_seqlens != cu:
+        raise ValueError(f"layout was made for another batch: {_first_difference(layout.cu_seqlens, cu)}; pass the "
+                         "plan of this batch")
+
+
+def _first_difference(a: tuple[int, ...], b: tuple[int, ...]) -> str:
+    """Where two ``cu_seqlens`` first differ, in words (document counts and totals first)."""
+    if len(a) != len(b) or a[-1] != b[-1]:
+        return f"{len(a) - 1} documents of {a[-1]} tokens there, {len(b) - 1} documents of {b[-1]} tokens here"
+    i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    return f"document {i - 1} ends at token {a[i]} there and at {b[i]} here (same count and total)"
+
+
+_LENGTHS_HINT = "; for document lengths, ringpack.lengths_to_cu_seqlens(lengths) gives their cu_seqlens"
+MAX_TOKENS = 2 ** 31 - 1  # the kernels index tokens with int32 cu_seqlens
+
+
 def validate_cu_seqlens(cu_seqlens: Sequence[int] | torch.Tensor) -> tuple[int, ...]:
     """Return ``cu_seqlens`` as a tuple of ints, or raise a ValueError naming what is wrong."""
     if isinstance(cu_seqlens, torch.Tensor):
@@ -274,26 +258,36 @@ def validate_cu_seqlens(cu_seqlens: Sequence[int] | torch.Tensor) -> tuple[int, 
             raise ValueError(f"cu_seqlens must be an integer tensor (int32 or int64), got dtype {cu_seqlens.dtype}")
         if cu_seqlens.dim() != 1:
             raise ValueError(f"cu_seqlens must be 1-D [n_docs + 1], got shape {tuple(cu_seqlens.shape)}")
-        values = [int(x) for x in cu_seqlens.tolist()]
+        if cu_seqlens.device.type == "meta":
+            raise ValueError("cu_seqlens is on the meta device and holds no values; pass the batch's real boundaries "
+                             "(a host tensor or a list)")
+        values = cu_seqlens.tolist()
+    elif isinstance(cu_seqlens, (str, bytes)) or not isinstance(cu_seqlens, Sequence) and not hasattr(
+            cu_seqlens, "__array__"):
+        raise ValueError(f"cu_seqlens must be a 1-D integer tensor or sequence [n_docs + 1], got "
+                         f"{type(cu_seqlens).__name__}")
     else:
         if getattr(cu_seqlens, "ndim", 1) != 1:
             raise ValueError(f"cu_seqlens must be 1-D [n_docs + 1], got {cu_seqlens.ndim} dimensions")
-        values = []
-        for x in cu_seqlens:
-            try:
-                if isinstance(x, bool):
-                    raise TypeError
-                values.append(operator.index(x))
-            except TypeError:
-                raise ValueError(f"cu_seqlens must hold integers, got {x!r} of type {type(x).__name__}") from None
+        values = [_boundary(x) for x in cu_seqlens]
     if not values:
         raise ValueError("cu_seqlens must have at least one entry ([0] for an empty pack)")
     if values[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {values[0]}")
+        raise ValueError(f"cu_seqlens must start at 0, got {values[0]}" + _LENGTHS_HINT)
     for i in range(1, len(values)):
         if values[i] < values[i - 1]:
-            raise ValueError(f"cu_seqlens must be non-decreasing, got {values[i - 1]} then {values[i]} at index {i}")
+            raise ValueError(f"cu_seqlens must be non-decreasing, got {values[i - 1]} then {values[i]} at index {i}"
+                             + _LENGTHS_HINT)
+    if values[-1] > MAX_TOKENS:
+        raise ValueError(f"cu_seqlens ends at {values[-1]} tokens; at most {MAX_TOKENS} (int32) are supported")
     return tuple(values)
+
+
+def _boundary(x) -> int:
+    try:
+        return integer("cu_seqlens", x)
+    except ValueError:
+        raise ValueError(f"cu_seqlens must hold integers, got {x!r} of type {type(x).__name__}") from None
 
 
 def validate_window(window_size: Sequence[int]) -> tuple[int, int]:
@@ -302,10 +296,8 @@ def validate_window(window_size: Sequence[int]) -> tuple[int, int]:
         left, right = window_size
     except (TypeError, ValueError):
         raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}") from None
-    for name, w in (("left", left), ("right", right)):
-        if isinstance(w, bool) or not isinstance(w, int) or w < -1:
-            raise ValueError(f"window_size {name} must be an integer >= -1 (-1 means unbounded), got {w!r}")
-    return (left, right)
+    # -1 means unbounded, as in flash attention
+    return integer("window_size left", left, minimum=-1), integer("window_size right", right, minimum=-1)
 
 
 def _segments(cu: tuple[int, ...], runs: Sequence[tuple[int, int]]) -> tuple[Segment, ...]:
@@ -339,41 +331,24 @@ def _step(q_segs: tuple[Segment, ...], k_by_doc: dict[int, list[Segment]], sourc
     tiles, segment_of, doc_of = [], [], []  # tiles of one query segment may overlap after trimming: waves
     for qs in q_segs:                           # keep them apart
         for ks in k_by_doc.get(qs.doc, ()):
-            tile = _trimmed_tile(qs, ks, *band(qs.doc_offset, ks.doc_offset, causal, window))
-            if tile is not None:
-                tiles.append(tile)
+            t = band_tile(qs.local_start, qs.length, ks.local_start, ks.length,
+                          *band(qs.doc_offset, ks.doc_offset, causal, window))
+            if t is not None:
+                tiles.append(t)
                 segment_of.append(qs.local_start)
                 doc_of.append(qs.doc)
     if not compact:
         return Step(source=source, waves=_waves(*_fuse_tiles(tiles, segment_of, doc_of)))
     runs = _merge_runs(sorted((t.k_start, t.k_len) for t in tiles))
-    offsets, at = [], 0
-    for _, length in runs:
-        offsets.append(at)
-        at += length
+    offsets = prefix_sums(n for _, n in runs)  # where each received run starts in the buffer
     starts = [start for start, _ in runs]
 
     def moved(t: Tile) -> Tile:
         i = bisect.bisect_right(starts, t.k_start) - 1
-        return Tile(t.q_start, t.q_len, offsets[i] + t.k_start - starts[i], t.k_len, t.lo, t.hi, t.pairs)
+        return t._replace(k_start=offsets[i] + t.k_start - starts[i])
 
     return Step(source=source, waves=_waves(*_fuse_tiles([moved(t) for t in tiles], segment_of, doc_of)),
                 recv_runs=tuple(runs))
-
-
-def _trimmed_tile(qs: Segment, ks: Segment, lo: float, hi: float) -> Tile | None:
-    """The tile of ``qs`` x ``ks`` cut down to the query rows and key rows that see something, or None."""
-    q_len, k_len = qs.length, ks.length
-    lo, hi = max(lo, 1 - q_len), min(hi, k_len - 1)
-    if lo > hi:
-        return None
-    lo, hi = int(lo), int(hi)
-    a0, a1 = max(0, -hi), min(q_len - 1, k_len - 1 - lo)  # query rows with a visible key
-    b0, b1 = max(0, lo), min(k_len - 1, q_len - 1 + hi)  # keys visible to some query
-    shift = b0 - a0
-    q_len, k_len = a1 - a0 + 1, b1 - b0 + 1
-    lo, hi = max(lo - shift, 1 - q_len), min(hi - shift, k_len - 1)
-    return Tile(qs.local_start + a0, q_len, ks.local_start + b0, k_len, lo, hi, band_pairs(q_len, k_len, lo, hi))
 
 
 def _merge_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -431,7 +406,7 @@ def _fuse(a: Tile, b: Tile) -> Tile | None:
     lo, hi = max(lo, 1 - q_len), min(hi, k_len - 1)
     if band_pairs(q_len, k_len, lo, hi) != a.pairs + b.pairs:
         return None
-    return Tile(q0, q_len, k0, k_len, lo, hi, a.pairs + b.pairs)
+    return tile(q0, q_len, k0, k_len, lo, hi, a.pairs + b.pairs)
 
 
 def _waves(tiles: list[Tile], segment_of: list[frozenset[int]]) -> tuple[Wave, ...]:
@@ -447,49 +422,11 @@ def _waves(tiles: list[Tile], segment_of: list[frozenset[int]]) -> tuple[Wave, .
         else:
             groups.append([t])
             used.append(set(segs))
-    return tuple(Wave(tuple(g), (min(t.q_start for t in g), max(t.q_start + t.q_len for t in g)),
-                      (min(t.k_start for t in g), max(t.k_start + t.k_len for t in g))) for g in groups)
+    return tuple(Wave.of(tuple(g)) for g in groups)
 
 
-def _check_rank(rank: int, world_size: int) -> None:
+def check_rank(rank: int, world_size: int) -> int:
+    """``rank`` if it is an integer in ``[0, world_size)``, else a ValueError."""
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be an integer in [0, {world_size}), got {rank!r}")
-
-
-def shard(x: torch.Tensor, plan: Plan, rank: int) -> torch.Tensor:
-    """This rank's tokens of a global packed tensor ``[T, ...]``, in the plan's local order."""
-    _check_rank(rank, plan.world_size)
-    if x.dim() < 1 or x.shape[0] != plan.total_tokens:
-        raise ValueError(f"shard: tensor has {x.shape[0] if x.dim() else 'no'} tokens along dim 0, "
-                         f"the plan has {plan.total_tokens}")
-    runs = plan.ranges[rank]
-    if len(runs) == 1:
-        return x[runs[0][0]:runs[0][0] + runs[0][1]]
-    if _ext.gathers(x):
-        # One gather kernel instead of a copy per run (packs have thousands of runs).
-        out = x.new_empty((plan.num_tokens[rank], *x.shape[1:]))
-        at = [0]
-        for _, n in runs:
-            at.append(at[-1] + n)
-        _ext.copy_runs(out, x, [(a, n, d) for (a, n), d in zip(runs, at)])
-        return out
-    return torch.cat([x[a:a + n] for a, n in runs]) if runs else x[:0]
-
-
-def unshard(parts: Sequence[torch.Tensor], plan: Plan) -> torch.Tensor:
-    """Reassemble every rank's shard (``parts[r]`` from rank ``r``) into the global ``[T, ...]`` tensor."""
-    if len(parts) != plan.world_size:
-        raise ValueError(f"unshard: got {len(parts)} parts, the plan has world_size {plan.world_size}")
-    pieces = []
-    for r, part in enumerate(parts):
-        if part.dim() < 1 or part.shape[0] != plan.num_tokens[r]:
-            raise ValueError(f"unshard: part {r} has {part.shape[0] if part.dim() else 'no'} tokens, "
-                             f"the plan gives rank {r} {plan.num_tokens[r]}")
-        local = 0
-        for a, n in plan.ranges[r]:
-            pieces.append((a, part[local:local + n]))
-            local += n
-    pieces.sort(key=lambda p: p[0])
-    if not pieces:
-        return parts[0][:0] if parts else torch.zeros(0)
-    return torch.cat([p for _, p in pieces])
+    return rank

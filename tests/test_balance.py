@@ -7,9 +7,10 @@ reach in the ring.
 """
 
 import pytest
+from mixes import MIXES
 
 import ringpack
-from ringpack.mixes import MIXES
+from ringpack.schedule import Tile
 
 TEST_MIXES = {
     **{name: gen(1 << 18) for name, gen in MIXES.items()},
@@ -62,8 +63,8 @@ def test_chunks_of_one_document_fuse_into_one_tile_per_step():
     plan = ringpack.make_plan([0, n], 2)
     for r in range(2):
         assert plan.tiles_per_step(r) == (1, 1)
-        assert plan.steps[r][0].tiles == (ringpack.plan.Tile(0, n // 2, 0, n // 2, 1 - n // 2, 0,
-                                                              n // 2 * (n // 2 + 1) // 2),)
+        assert plan.steps[r][0].tiles == (Tile(0, n // 2, 0, n // 2, 1 - n // 2, 0, n // 2 * (n // 2 + 1) // 2,
+                                               -1, 0),)
         assert plan.steps[r][1].tiles[0].full
     plan = ringpack.make_plan([0, n], 4, strategy="zigzag")
     assert all(plan.tiles_per_step(r) == (1, 1, 1, 1) for r in range(4))

@@ -74,10 +74,15 @@ def test_plan_with_layout_keeps_ownership_and_schedules_its_own_mask(mix, world)
 
 
 def test_layout_of_another_batch_is_refused():
+    """The error says what differs: the message once printed the same strategy, world and document count on
+    both sides when only a boundary moved."""
     layout = ringpack.make_plan([0, 5, 9], 2)
-    with pytest.raises(ValueError, match="layout was made for another batch"):
+    with pytest.raises(ValueError, match="another batch: document 0 ends at token 5 there and at 4 here"):
         ringpack.make_plan([0, 4, 9], 2, layout=layout)
-    with pytest.raises(ValueError, match="layout was made for another batch"):
+    with pytest.raises(ValueError, match="another batch: 2 documents of 9 tokens there, 1 documents of 9 tokens"):
+        ringpack.make_plan([0, 9], 2, layout=layout)
+    with pytest.raises(ValueError, match="layout was made with strategy 'balanced' over 2 ranks, this plan asks "
+                                         "'zigzag' over 2"):
         ringpack.make_plan([0, 5, 9], 2, strategy="zigzag", layout=layout)
     with pytest.raises(ValueError, match="layout must be a ringpack.Plan"):
         ringpack.make_plan([0, 5, 9], 2, layout=layout.ranges)

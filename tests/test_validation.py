@@ -26,6 +26,8 @@ PLAN = ringpack.make_plan([0, 4, 6], 1)
     (lambda q, k, v: (q, k, v[:, :1]), "k and v must have the same shape"),
     (lambda q, k, v: (q[:5], k[:5], v[:5]), "holds 6 tokens in the plan, but q has 5"),
     (lambda q, k, v: (q[0], k, v), "q must be a 3-D tensor"),
+    (lambda q, k, v: (q[..., :0], k[..., :0], v[..., :0]), "head_dim, heads and kv_heads must be >= 1"),
+    (lambda q, k, v: (q[:, :0], k[:, :0], v[:, :0]), "head_dim, heads and kv_heads must be >= 1"),
 ])
 def test_bad_tensors(change, message):
     q, k, v = change(*_inputs())
@@ -43,18 +45,43 @@ def test_bad_options():
         ringpack.ring_attention(q, k, v, PLAN, window_size=(4, -1))
     with pytest.raises(ValueError, match=r"unknown backend 'nope'; supported: auto, .*reference"):
         ringpack.ring_attention(q, k, v, PLAN, backend="nope")
-    with pytest.raises(ValueError, match="softcap must be >= 0"):
-        ringpack.ring_attention(q, k, v, PLAN, softcap=-1.0)
-    with pytest.raises(ValueError, match="softmax_scale must be a positive finite number"):
-        ringpack.ring_attention(q, k, v, PLAN, softmax_scale=float("nan"))
     with pytest.raises(ValueError, match="plan must be a ringpack.Plan"):
         ringpack.ring_attention(q, k, v, {"world_size": 1})
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"softcap": -1.0}, r"softcap \(0 disables it\) must be >= 0, got -1"),
+    # inf returned NaN everywhere, NaN was read as 0 (no capping), None and "1" raised a TypeError
+    ({"softcap": float("inf")}, r"softcap \(0 disables it\) must be a finite number, got inf"),
+    ({"softcap": float("nan")}, r"softcap \(0 disables it\) must be a finite number, got nan"),
+    ({"softcap": None}, r"softcap \(0 disables it\) must be a number, got None"),
+    ({"softcap": "1"}, r"softcap \(0 disables it\) must be a number, got '1'"),
+    ({"softmax_scale": float("nan")}, "softmax_scale .* must be a finite number"),
+    ({"softmax_scale": -0.5}, "softmax_scale .* must be > 0"),
+    ({"softmax_scale": "0.1"}, "softmax_scale .* must be a number, got '0.1'"),
+    # bool("False") is True: the string ran as causal attention
+    ({"causal": "False"}, "causal must be True or False, got 'False'"),
+    ({"return_lse": "yes"}, "return_lse must be True or False"),
+    ({"dropout_p": None}, "dropout_p must be a number"),
+])
+def test_options_of_the_wrong_kind_are_named(options, message):
+    """Python would coerce each of these into another request (or fail deep inside with a TypeError)."""
+    q, k, v = _inputs()
+    with pytest.raises(ValueError, match=message):
+        ringpack.ring_attention(q, k, v, PLAN, **options)
+
+
+def test_make_plan_refuses_a_string_for_causal():
+    with pytest.raises(ValueError, match="causal must be True or False, got 'False'"):
+        ringpack.make_plan([0, 4], 1, causal="False")
 
 
 def test_plan_world_size_must_match_group():
     q, k, v = _inputs()
     plan = ringpack.make_plan([0, 4, 6], 2)
-    with pytest.raises(ValueError, match="plan.world_size=2 but torch.distributed is not initialized, so 1 rank"):
+    # the message once read "torch.distributed is not initialized, so 1 rank has 1 ranks"
+    with pytest.raises(ValueError, match="plan.world_size=2 but torch.distributed is not initialized .* initialise the "
+                                         "process group first"):
         ringpack.ring_attention(q[:3], k[:3], v[:3], plan)
 
 
@@ -80,4 +107,14 @@ def test_plan_world_size_must_match_a_real_group():
     from dist_utils import run_distributed
 
     message = run_distributed(2, _mismatched_plan_message)
-    assert message == "plan.world_size=3 but the process group has 2 ranks"
+    assert message == "plan.world_size=3 but the process group has 2 ranks; make the plan for the group's size"
+
+
+def test_second_derivative_raises():
+    """A gradient penalty differentiates the backward: it returned second derivatives off by ~14 with no error.
+    The ring's backward is not differentiable, so the second differentiation must raise."""
+    q, k, v = (t.requires_grad_() for t in _inputs())
+    out = ringpack.ring_attention(q, k, v, PLAN)
+    (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dq.square().sum().backward()

@@ -22,8 +22,14 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (CudnnBackend(), TorchFlashBa
                                                     FlexBackend(), ReferenceBackend())}
 
 
-def select_backend(name: str, spec: AttnSpec) -> Backend:
-    """The backend called ``name``, or for "auto" a per-tile dispatcher over those that fit; else a ValueError."""
+def select_backend(name: str | Backend, spec: AttnSpec) -> Backend:
+    """The backend called ``name`` (or ``name`` itself, a backend object), or for "auto" a per-tile dispatcher over
+    those that fit; else a ValueError with every reason."""
+    if isinstance(name, Backend):
+        why = name.not_supported_reasons(spec)
+        if why:
+            raise ValueError(f"backend {name.name} does not support this request ({spec}): {', '.join(why)}")
+        return name
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; supported: auto, {', '.join(BACKENDS)}")
     candidates = list(BACKENDS.values()) if name == "auto" else [BACKENDS[name]]

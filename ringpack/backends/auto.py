@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from ringpack.backends import layout
 from ringpack.backends.base import Backend
 from ringpack.merge import accumulation_dtype
-from ringpack.plan import Tile, Wave
+from ringpack.schedule import Tile, Wave
 
 
 class AutoBackend(Backend):
@@ -44,7 +43,7 @@ class AutoBackend(Backend):
         if len(chosen) == 1:
             (idx,) = chosen
             return [(self.backends[idx], wave)]
-        return [(self.backends[i], layout.sub_wave(wave, tuple(tiles))) for i, tiles in sorted(chosen.items())]
+        return [(self.backends[i], Wave.of(tuple(tiles))) for i, tiles in sorted(chosen.items())]
 
     def assembles(self, wave: Wave) -> bool:
         parts = self.split(wave)

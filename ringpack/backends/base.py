@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ringpack.merge import merge_
-from ringpack.plan import Tile, Wave
+from ringpack.schedule import Tile, Wave
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ringpack.backends import layout
 from ringpack.backends.base import AttnSpec, Backend
 from ringpack.backends.torch_flash import common_reasons, lse_adjusted_out
 from ringpack.merge import accumulation_dtype, merge_
-from ringpack.plan import Tile, Wave
+from ringpack.schedule import Tile, Wave
 
 # auto gives cudnn dense tiles of at least this many (query, key) pairs: below it the per-call
 # cost outweighs cuDNN's faster kernel, and torch_flash runs many small tiles in one call.
@@ -67,7 +66,7 @@ def batches(wave: Wave) -> tuple[Batch, ...]:
     Cached: a plan is reused by every layer, so each wave is laid out once (host tuples only)."""
     out: list[Batch] = []
     for t in wave.tiles:
-        kt = layout.trim(t)
+        kt = t
         if not (kt.full or kt.causal_square):
             raise ValueError(f"cudnn: tile {t} is neither full nor square causal; use torch_flash or flex")
         if kt.q_len == kt.k_len == 1:
@@ -154,8 +153,7 @@ class CudnnBackend(Backend):
         """Dense tiles big enough that one call per tile beats batching them into a varlen call."""
         if tile.q_len * tile.k_len < max(self.min_tile_pairs, 2):  # never 1 x 1: cuDNN rejects it
             return False
-        kt = layout.trim(tile)
-        return kt.full or kt.causal_square
+        return tile.full or tile.causal_square
 
     def assembles(self, wave: Wave) -> bool:
         bs = batches(wave)

@@ -29,7 +29,7 @@ import torch
 
 from ringpack.backends.base import AttnSpec, Backend, cuda_reasons
 from ringpack.backends.torch_flash import MAX_HEAD_DIM, staged
-from ringpack.plan import Wave
+from ringpack.schedule import Wave
 
 BLOCK = 128
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)

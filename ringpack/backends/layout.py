@@ -18,53 +18,10 @@ that share it. Everything here is a pure function of the plan's tiles: no device
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 
-from ringpack.plan import Tile, Wave
-
-
-@dataclass(frozen=True)
-class KernelTile:
-    """A tile trimmed to the rows and keys that see something, with its bottom-right window."""
-
-    q_start: int  # rows in the local shard (queries) / the source shard (keys)
-    q_len: int
-    k_start: int
-    k_len: int
-    lo: int  # band after trimming, clipped to the tile: lo >= 1 - q_len, hi <= k_len - 1
-    hi: int
-    left: int  # bottom-right window: -1 unbounded
-    right: int
-
-    @property
-    def full(self) -> bool:
-        return self.left == -1 and self.right == -1
-
-    @property
-    def causal_square(self) -> bool:
-        """A square tile whose mask is plain causal: top-left and bottom-right alignment agree."""
-        return self.q_len == self.k_len and self.left == -1 and self.right == 0
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def trim(tile: Tile) -> KernelTile:
-    """Cut ``tile`` to its visible rows and keys and express its band as a bottom-right window.
-
-    Cached: every layer asks again for the same tiles of the same plan."""
-    lo, hi = max(tile.lo, 1 - tile.q_len), min(tile.hi, tile.k_len - 1)
-    if lo > hi:
-        raise ValueError(f"tile {tile} sees no key; the plan should not have made it")
-    a0, a1 = max(0, -hi), min(tile.q_len - 1, tile.k_len - 1 - lo)  # rows with a visible key (inclusive)
-    b0, b1 = max(0, lo), min(tile.k_len - 1, tile.q_len - 1 + hi)  # keys with a visible row (inclusive)
-    q_len, k_len = a1 - a0 + 1, b1 - b0 + 1
-    lo, hi = max(lo - b0 + a0, 1 - q_len), min(hi - b0 + a0, k_len - 1)
-    shift = k_len - q_len
-    assert lo <= shift <= hi, (tile, lo, hi, shift)  # every kept row and key sees something
-    left = -1 if lo <= 1 - q_len else shift - lo
-    right = -1 if hi >= k_len - 1 else hi - shift
-    return KernelTile(tile.q_start + a0, q_len, tile.k_start + b0, k_len, lo, hi, left, right)
+from ringpack.schedule import Tile, Wave
 
 
 @dataclass(frozen=True)
@@ -96,7 +53,7 @@ class VarlenGroup:
         return sum(self.k_lens)
 
 
-def _group(tiles: list[KernelTile], q_span: tuple[int, int], k_span: tuple[int, int]) -> VarlenGroup:
+def _group(tiles: list[Tile], q_span: tuple[int, int], k_span: tuple[int, int]) -> VarlenGroup:
     tiles = sorted(tiles, key=lambda t: t.q_start)
     contiguous = all(a.k_start + a.k_len <= b.k_start for a, b in zip(tiles, tiles[1:]))
     q_lens: list[int] = []
@@ -135,15 +92,7 @@ def varlen_groups(wave: Wave) -> tuple[VarlenGroup, ...]:
 
     Cached: a plan is reused by every layer, so each wave is laid out once (host tuples only).
     """
-    by_window: dict[tuple[int, int], list[KernelTile]] = {}
+    by_window: dict[tuple[int, int], list[Tile]] = {}
     for tile in wave.tiles:
-        kt = trim(tile)
-        by_window.setdefault((kt.left, kt.right), []).append(kt)
+        by_window.setdefault((tile.left, tile.right), []).append(tile)
     return tuple(_group(tiles, wave.q_span, wave.k_span) for tiles in by_window.values())
-
-
-def sub_wave(wave: Wave, tiles: tuple[Tile, ...]) -> Wave:
-    """The wave made of ``tiles`` (a subset of ``wave.tiles``), with its own hulls."""
-    return dataclasses.replace(wave, tiles=tiles,
-                               q_span=(min(t.q_start for t in tiles), max(t.q_start + t.q_len for t in tiles)),
-                               k_span=(min(t.k_start for t in tiles), max(t.k_start + t.k_len for t in tiles)))

@@ -11,7 +11,7 @@ import torch
 
 from ringpack.backends.base import AttnSpec, Backend
 from ringpack.merge import accumulation_dtype
-from ringpack.plan import Tile, Wave
+from ringpack.schedule import Tile, Wave
 
 
 def _band_mask(tile: Tile, device: torch.device) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from ringpack.backends import layout
 from ringpack.backends.base import AttnSpec, Backend, cuda_reasons
 from ringpack.merge import accumulation_dtype
-from ringpack.plan import Wave
+from ringpack.schedule import Wave
 
 DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ringpack.attention import ring_attention
 from ringpack.packing import position_ids_to_cu_seqlens, shard_batch
 from ringpack.plan import STRATEGIES, Plan, make_plan, validate_cu_seqlens, validate_window
-from ringpack.ring import ring_attention
 
 
 @dataclass(frozen=True, eq=False)

@@ -34,7 +34,7 @@ from deepspeed.sequence.layer import DistributedAttention
 
 from ringpack.integrations.context import RingpackContext
 from ringpack.packing import IGNORE_INDEX, count_targets
-from ringpack.plan import shard
+from ringpack.sharding import shard
 
 # Fill values for the pad tokens of a Ulysses piece: they carry no target and sit at position 0.
 PAD_VALUES = {"input_ids": 0, "labels": IGNORE_INDEX, "position_ids": 0}

@@ -17,7 +17,8 @@ import threading
 import torch
 
 from ringpack.merge import accumulation_dtype, merge_
-from ringpack.plan import Plan, shard, unshard
+from ringpack.plan import Plan
+from ringpack.sharding import shard, unshard
 
 
 def _scores(q_SHD, k_SKD, scale):

@@ -178,25 +178,23 @@ def test_flex_block_tables_cover_every_visible_block():
                             assert blocks[i, :, j].all(), (i, j)
 
 
-def test_trim_window_is_the_band():
-    """Every band tile, trimmed, is exactly its band as a bottom-right (left, right) window (no tile unsupported)."""
+def test_trimmed_tile_window_is_the_band():
+    """Every band, trimmed at plan time, is exactly its band as a bottom-right (left, right) window, with its
+    pairs counted: the kernels read the window and never re-derive it (catches a window off by the trim)."""
     import random
 
-    from ringpack.backends.layout import trim
-    from ringpack.plan import Tile
+    from ringpack.schedule import band_tile
     rng = random.Random(0)
     for _ in range(2000):
         q_len, k_len = rng.randint(1, 12), rng.randint(1, 12)
         lo = rng.randint(-14, 12)
         hi = rng.randint(lo, 14)
-        lo, hi = max(lo, 1 - q_len), min(hi, k_len - 1)
-        if lo > hi:
-            continue
         d = torch.arange(k_len)[None] - torch.arange(q_len)[:, None]
         band = (d >= lo) & (d <= hi)
+        kt = band_tile(3, q_len, 5, k_len, lo, hi)
         if not band.any():
+            assert kt is None
             continue
-        kt = trim(Tile(3, q_len, 5, k_len, lo, hi, int(band.sum())))
         got = torch.zeros(q_len, k_len, dtype=torch.bool)
         shift = kt.k_len - kt.q_len
         dd = torch.arange(kt.k_len)[None] - torch.arange(kt.q_len)[:, None]
@@ -207,6 +205,7 @@ def test_trim_window_is_the_band():
             win &= dd <= shift + kt.right
         got[kt.q_start - 3:kt.q_start - 3 + kt.q_len, kt.k_start - 5:kt.k_start - 5 + kt.k_len] = win
         assert torch.equal(got, band), (q_len, k_len, lo, hi, kt)
+        assert kt.pairs == int(band.sum())
 
 
 @pytest.mark.parametrize("strategy", ["contiguous", "zigzag", "balanced"])

@@ -1,4 +1,4 @@
-"""``python -m ringpack bench``: local-kernel throughput, ring efficiency, overlap, memory and strategies on GPUs.
+"""``python benchmarks/bench.py``: local-kernel throughput, ring efficiency, overlap, memory and strategies on GPUs.
 
 Legend: ``P`` GPUs (one process each, NCCL), ``tpg`` tokens per GPU, ``T1`` the time of the same backend on
 the whole batch on one GPU, ``T`` the ring's time on ``P`` GPUs; ring efficiency ``= T1 / (P * T)``.
@@ -24,10 +24,10 @@ import time
 import traceback
 from pathlib import Path
 
+import mixes
 import torch
 import torch.distributed as dist
 
-from ringpack import mixes
 from ringpack.backends import AttnSpec, Backend, select_backend
 from ringpack.comm import Pending, Ring
 from ringpack.packing import lengths_to_cu_seqlens
@@ -583,11 +583,11 @@ def _names(choices):
     return parse
 
 
-def add_bench_parser(sub) -> None:
+def parser() -> argparse.ArgumentParser:
     from ringpack.backends import BACKENDS
     names = ("auto", *BACKENDS)
-    p = sub.add_parser("bench", help="GPU benchmarks: kernels, ring efficiency, overlap, memory, strategies",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", type=int, default=None, help="GPUs (processes) to use; default: every visible GPU")
     p.add_argument("--tokens-per-gpu", type=_ints, default=(8192, 32768, 131072))
     p.add_argument("--backends", type=_names(names), default=("torch_flash", "auto"),
@@ -603,7 +603,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU, gloo, reference kernel, tiny shapes: checks the script, measures nothing")
-    p.set_defaults(run=run_bench)
+    return p
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -627,3 +627,7 @@ def run_bench(args: argparse.Namespace) -> int:
         torch.multiprocessing.spawn(_worker, args=(world, cfg, os.path.join(tmp, "rendezvous")), nprocs=world)
     print(f"bench: results in {cfg.out}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_bench(parser().parse_args()))
