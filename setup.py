@@ -46,6 +46,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "numpy", "matplotlib"],
         "flash": ["flash-attn>=2.7,<2.9"],
+        "fa4": ["flash-attn-4>=4.0.0b36,<4.1"],
         "deepspeed": ["deepspeed>=0.14"],
         "megatron": ["megatron-core>=0.8"],
         "transformers": ["transformers>=4.48"],

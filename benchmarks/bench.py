@@ -5,64 +5,30 @@ the whole batch on one GPU, ``T`` the ring's time on ``P`` GPUs; ring efficiency
 FLOPs count visible pairs only (from the plan's tiles): forward ``4 * pairs * H * D``, backward 2.5x that.
 
 Every rank runs the same sequence of measurements (they are collective); rank 0 writes ``bench.json``,
-``bench.md`` and PNG plots into ``--out``. ``--dry-run`` runs the whole flow on the CPU (gloo, the
+``bench.md`` and PNG plots into ``--out`` (``report.py``). ``--dry-run`` runs the whole flow on the CPU (gloo, the
 reference kernel, tiny sizes) so the script itself can be checked without a GPU; its numbers mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
-import json
-import math
 import os
-import platform
 import sys
 import tempfile
 import time
-import traceback
-from pathlib import Path
 
 import mixes
 import torch
 import torch.distributed as dist
+from harness import Config, Runner, Shape, flops, visible_pairs
+from report import write_results
 
-from ringpack.backends import AttnSpec, Backend, select_backend
+from ringpack.backends import Backend, select_backend
+from ringpack.backends.base import BwdPiece, FwdPiece
 from ringpack.comm import Pending, Ring
 from ringpack.packing import lengths_to_cu_seqlens
-from ringpack.plan import STRATEGIES, Plan, make_plan
-from ringpack.ring import RingAttention
-
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    heads: int = 32  # query heads
-    kv_heads: int = 8
-    head_dim: int = 128
-    dtype: str = "bfloat16"
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """What to measure; every field is a command-line option of the same name."""
-
-    tokens_per_gpu: tuple[int, ...]  # ring efficiency and strategy grids
-    backends: tuple[str, ...]  # ring efficiency backends
-    kernel_backends: tuple[str, ...]  # local-kernel throughput backends
-    kernel_tokens: int  # tokens of the local-kernel batches
-    reps: int  # the fewest timed calls per round (see Runner.timed)
-    min_round_s: float  # a timed round lasts at least this long (up to MAX_REPS calls)
-    budget_s: float  # sections left when this is spent are skipped (and listed as skipped)
-    million: int  # tokens of the one-document memory run (0 skips it)
-    sections: tuple[str, ...]
-    shape: Shape
-    device: str  # "cuda" or "cpu" (dry run)
-    out: str
-
-
-MAX_REPS = 200  # timed calls per round at most
-SHORT_ROUNDS = 5  # rounds (median taken) when ``reps`` calls take less than ``min_round_s``
+from ringpack.plan import STRATEGIES, make_plan
 
 SECTIONS = ("ring", "million", "kernel", "overlap", "strategy")
 
@@ -75,15 +41,15 @@ class _NullBackend(Backend):
     def not_supported_reasons(self, spec):
         return []
 
-    def fwd(self, q_NHD, k_MKD, v_MKD, wave, *, scale, softcap):
+    def forward(self, q_NHD, k_MKD, v_MKD, wave, *, scale, softcap):
         q0, q1 = wave.q_span
-        return (q_NHD.new_zeros((q1 - q0, *q_NHD.shape[1:])),
-                torch.zeros((q_NHD.shape[1], q1 - q0), dtype=torch.float32, device=q_NHD.device))
+        yield FwdPiece(slice(q0, q1), q_NHD.new_zeros((q1 - q0, *q_NHD.shape[1:])),
+                       torch.zeros((q_NHD.shape[1], q1 - q0), dtype=torch.float32, device=q_NHD.device))
 
-    def bwd(self, dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN, wave, *, scale, softcap):
+    def backward(self, dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN, wave, *, scale, softcap):
         (q0, q1), (k0, k1) = wave.q_span, wave.k_span
-        return (q_NHD.new_zeros((q1 - q0, *q_NHD.shape[1:])), k_MKD.new_zeros((k1 - k0, *k_MKD.shape[1:])),
-                v_MKD.new_zeros((k1 - k0, *v_MKD.shape[1:])))
+        yield BwdPiece(slice(q0, q1), slice(k0, k1), q_NHD.new_zeros((q1 - q0, *q_NHD.shape[1:])),
+                       k_MKD.new_zeros((k1 - k0, *k_MKD.shape[1:])), v_MKD.new_zeros((k1 - k0, *v_MKD.shape[1:])))
 
 
 class _NoExchange(Ring):
@@ -99,135 +65,13 @@ def _mixes(tpg: int, world: int) -> dict[str, list[int]]:
             "long tail": mixes.long_tail(total, seed=0)}
 
 
-def _pairs(plan: Plan) -> int:
-    return sum(plan.work(r) for r in range(plan.world_size))
-
-
-def _flops(pairs: int, shape: Shape, backward: bool) -> float:
-    fwd = 4.0 * pairs * shape.heads * shape.head_dim
-    return fwd * (3.5 if backward else 1.0)
-
-
-class Runner:
-    """Collective timing helpers for one rank."""
-
-    def __init__(self, cfg: Config, rank: int, world: int):
-        self.cfg, self.rank, self.world = cfg, rank, world
-        self.device = torch.device(cfg.device, rank) if cfg.device == "cuda" else torch.device("cpu")
-        self.dtype = getattr(torch, cfg.shape.dtype)
-        self.start = time.perf_counter()
-        self.skipped: list[str] = []
-        self.errors: list[str] = []
-        self.gen = torch.Generator(device=self.device).manual_seed(rank)
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def over_budget(self) -> bool:
-        """Rank 0's clock decides for everyone, so that all ranks skip the same measurements."""
-        flag = torch.tensor([float(time.perf_counter() - self.start > self.cfg.budget_s)], device=self.device)
-        if self.world > 1:
-            dist.broadcast(flag, 0)
-        return bool(flag.item())
-
-    def timed(self, fn, *, collective: bool = True) -> float:
-        """Seconds per call of ``fn``, the max over ranks when collective.
-
-        Two warm-ups (a compiled backend, flex, may compile again on its second call, when torch.compile turns
-        sizes dynamic; one warm-up left that compile inside flex's timed forward on 2026-11-23). Then rounds of
-        at least ``reps`` calls and ``min_round_s`` seconds; short calls get five rounds and their median, since
-        a few milliseconds timed once moved by 5% between runs on 2026-11-23."""
-        fn()
-        self.sync()
-        t = time.perf_counter()
-        fn()
-        self.sync()
-        first = time.perf_counter() - t
-        short = first * self.cfg.reps < self.cfg.min_round_s
-        reps = max(self.cfg.reps, min(MAX_REPS, math.ceil(self.cfg.min_round_s / max(first, 1e-6))))
-        if collective and self.world > 1:  # every rank runs the same rounds of the same number of calls
-            n = torch.tensor([reps, int(short)], device=self.device)
-            dist.all_reduce(n, op=dist.ReduceOp.MAX)
-            reps, short = int(n[0].item()), bool(n[1].item())
-        rounds = SHORT_ROUNDS if short else 1
-        times = []
-        for _ in range(rounds):
-            if collective and self.world > 1:
-                dist.barrier()
-            t = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            self.sync()
-            seconds = (time.perf_counter() - t) / reps
-            if collective and self.world > 1:
-                s = torch.tensor([seconds], device=self.device, dtype=torch.float64)
-                dist.all_reduce(s, op=dist.ReduceOp.MAX)
-                seconds = float(s.item())
-            times.append(seconds)
-        return sorted(times)[len(times) // 2]
-
-    def on_rank0(self, fn) -> float:
-        """Run a one-GPU measurement on rank 0 while the others wait; everyone gets the result."""
-        result = torch.zeros(1, dtype=torch.float64, device=self.device)
-        if self.rank == 0:
-            result[0] = fn()
-        if self.world > 1:
-            dist.broadcast(result, 0)
-        return float(result.item())
-
-    def guarded(self, what: str, fn):
-        """``fn()``, or NaN with the error recorded and printed at once: one failing backend must not cost
-        the other measurements (every rank runs the same code, so they fail alike and stay in step)."""
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001 - recorded in the results and printed with its traceback
-            self.errors.append(f"{what}: {type(e).__name__}: {e}")
-            print(f"bench rank {self.rank}: {what} failed", file=sys.stderr, flush=True)
-            traceback.print_exc()
-            return float("nan")
-
-    def one_gpu(self, plan: Plan, backend: Backend, backward: bool, what: str = "one GPU") -> float:
-        """T1: the one-rank ``plan`` (the whole batch) timed on rank 0's GPU."""
-        return self.on_rank0(lambda: self.guarded(what, lambda: self.timed(
-            self.attention_fn(plan, Ring.local(), backend, backward)[0], collective=False)))
-
-    def ring(self, plan: Plan, ring: Ring, backend: Backend, backward: bool, what: str) -> float:
-        """The ring on every rank, the max over ranks."""
-        return self.guarded(what, lambda: self.timed(self.attention_fn(plan, ring, backend, backward)[0]))
-
-    def qkv(self, n: int, requires_grad: bool):
-        s = self.cfg.shape
-        make = [(n, s.heads, s.head_dim), (n, s.kv_heads, s.head_dim), (n, s.kv_heads, s.head_dim)]
-        return [torch.randn(*m, device=self.device, dtype=self.dtype, generator=self.gen).requires_grad_(requires_grad)
-                for m in make]
-
-    def spec(self, causal: bool = True) -> AttnSpec:
-        s = self.cfg.shape
-        return AttnSpec(self.device.type, self.dtype, s.head_dim, s.heads, s.kv_heads, causal, False, False, False)
-
-    def attention_fn(self, plan: Plan, ring: Ring, backend: Backend, backward: bool):
-        """A closure running the ring (or, with a one-rank plan and ring, the whole batch) once."""
-        n = plan.num_tokens[ring.rank]
-        q, k, v = self.qkv(n, backward)
-        dout = torch.randn(q.shape, device=self.device, dtype=self.dtype, generator=self.gen)
-        scale = 1.0 / math.sqrt(self.cfg.shape.head_dim)
-
-        def run():
-            out, _ = RingAttention.apply(q, k, v, plan, ring, backend, scale, 0.0, False)
-            if backward:
-                torch.autograd.grad(out, (q, k, v), dout)
-
-        return run, (q, k, v, dout)
-
-
 def _kernel_section(r: Runner) -> list[dict]:
     """Local kernel throughput: every backend on one GPU over a one-rank plan's waves (no ring)."""
     rows = []
     total = r.cfg.kernel_tokens
     for mix_name, lengths in (("one doc", [total]), ("8k docs", mixes.uniform(total, min(8192, total)))):
         plan = make_plan(lengths_to_cu_seqlens(lengths), 1, strategy="contiguous")
-        pairs = _pairs(plan)
+        pairs = visible_pairs(plan)
         for name in r.cfg.kernel_backends:
             if r.over_budget():
                 r.skipped.append(f"kernel {name} {mix_name}")
@@ -245,7 +89,7 @@ def _kernel_section(r: Runner) -> list[dict]:
                 row = {"mix": mix_name, "backend": name, "pass": "bwd" if backward else "fwd", "tokens": total,
                        "seconds": seconds, "tflops": float("nan")}
                 if t > 0:
-                    row["tflops"] = _flops(pairs, r.cfg.shape, False) * (2.5 if backward else 1) / t / 1e12
+                    row["tflops"] = flops(pairs, r.cfg.shape, False) * (2.5 if backward else 1) / t / 1e12
                 else:
                     row["error"] = "fwd+bwd timed faster than fwd (a recompilation inside the timed forward?)"
                 rows.append(row)
@@ -272,7 +116,7 @@ def _ring_section(r: Runner) -> list[dict]:
                     rows.append({"backend": name, "mix": mix_name, "tokens_per_gpu": tpg, "docs": len(lengths),
                                  "pass": "fwd+bwd" if backward else "fwd", "t1_s": one, "ring_s": ring_t,
                                  "efficiency": one / (r.world * ring_t),
-                                 "ring_tflops_per_gpu": _flops(_pairs(ring_plan), r.cfg.shape, backward)
+                                 "ring_tflops_per_gpu": flops(visible_pairs(ring_plan), r.cfg.shape, backward)
                                  / r.world / ring_t / 1e12})
     return rows
 
@@ -343,7 +187,7 @@ def _strategy_section(r: Runner) -> list[dict]:
                              "ring_s": t, "fraction_of_ideal": one / (r.world * t), "t1_s": one,
                              "fwd_bytes_sent": sent * 2 * s.kv_heads * s.head_dim * torch.finfo(r.dtype).bits // 8,
                              "max_rank_pairs": max(plan.work(x) for x in range(r.world)),
-                             "mean_rank_pairs": _pairs(plan) / r.world})
+                             "mean_rank_pairs": visible_pairs(plan) / r.world})
     return rows
 
 
@@ -397,169 +241,6 @@ def _worker(rank: int, world: int, cfg: Config, init_file: str) -> None:
         if rank == 0:
             write_results(results, cfg, world)
         dist.destroy_process_group()
-
-
-def environment(cfg: Config, world: int) -> dict:
-    env = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": " ".join([Path(sys.executable).name, *sys.argv]), "torch": torch.__version__,
-           "cuda": torch.version.cuda, "python": platform.python_version(), "world": world,
-           "config": dataclasses.asdict(cfg)}
-    if cfg.device == "cuda":
-        env["device"] = torch.cuda.get_device_name(0)
-        env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-        env["cudnn"] = torch.backends.cudnn.version()
-    return env
-
-
-def script_runner(dry_run: bool, *, budget_s: float = float("inf"), min_round_s: float = 0.2,
-                  out: str = "") -> Runner:
-    """A one-rank ``Runner`` for a one-GPU benchmark script: Llama-3-8B attention in bf16 on CUDA, or a tiny
-    float64 shape on the CPU with ``dry_run``; its ``timed`` is the rule every benchmark here times by."""
-    shape = Shape(heads=4, kv_heads=2, head_dim=16, dtype="float64") if dry_run else Shape()
-    cfg = Config(tokens_per_gpu=(), backends=(), kernel_backends=(), kernel_tokens=0, reps=1 if dry_run else 3,
-                 min_round_s=0.0 if dry_run else min_round_s, budget_s=budget_s, million=0, sections=(),
-                 shape=shape, device="cpu" if dry_run else "cuda", out=out)
-    return Runner(cfg, 0, 1)
-
-
-def script_environment(script: str, argv: list[str], device: torch.device, **extra) -> dict:
-    """Device, versions, date and command line of a one-GPU benchmark script's run, for its JSON and markdown."""
-    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "cuda": torch.version.cuda,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join([f"python {script}", *argv]), **extra}
-
-
-def report_header(title: str, env: dict, notes: list[str]) -> list[str]:
-    """The opening lines of a benchmark script's markdown report: title, device, versions, command, ``notes``."""
-    return [f"# {title}", "", f"- device: {env['device']}; torch {env['torch']}, CUDA {env['cuda']}; date (UTC) "
-            f"{env['date']}", f"- command: `{env['command']}`", *notes, ""]
-
-
-def write_results(results: dict, cfg: Config, world: int) -> None:
-    """``bench.json``, ``bench.md`` and PNG plots (when matplotlib is there) in ``cfg.out``."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results["environment"] = environment(cfg, world)
-    _derive(results)
-    (out / "bench.json").write_text(json.dumps(results, indent=1))
-    (out / "bench.md").write_text(markdown(results))
-    try:
-        import matplotlib
-    except ImportError:
-        return
-    matplotlib.use("Agg")
-    plot(results, out)
-
-
-def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> list[str]:
-    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = []
-        for _, key, fmt in columns:
-            value = row.get(key, "")
-            cells.append(format(value, fmt) if isinstance(value, (int, float)) and fmt else str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def markdown(results: dict) -> str:
-    env = results["environment"]
-    sec = results["sections"]
-    lines = ["# ringpack benchmarks", "",
-             f"- device: {env.get('device', 'cpu')} x{env['world']}; torch {env['torch']}, CUDA {env['cuda']}, "
-             f"NCCL {env.get('nccl', '-')}, cuDNN {env.get('cudnn', '-')}",
-             f"- date (UTC): {env['date_utc']}; command: `{env['command']}`",
-             f"- shape: {env['config']['shape']}, causal; FLOPs: forward 4*pairs*H*D, backward 2.5x", ""]
-    if "kernel" in sec:
-        lines += ["## Local kernel throughput (1 GPU, one-rank plan)", ""]
-        lines += _table(sec["kernel"], [("mix", "mix", ""), ("backend", "backend", ""), ("pass", "pass", ""),
-                                        ("tokens", "tokens", "d"), ("seconds", "seconds", ".4f"),
-                                        ("TFLOP/s", "tflops", ".0f"), ("error", "error", "")])
-        lines.append("")
-    if "ring" in sec:
-        lines += ["## Ring efficiency T1 / (P x T)", ""]
-        lines += _table(sec["ring"], [("backend", "backend", ""), ("mix", "mix", ""),
-                                      ("tokens/GPU", "tokens_per_gpu", "d"), ("docs", "docs", "d"),
-                                      ("pass", "pass", ""), ("T1 s", "t1_s", ".4f"),
-                                      ("ring s", "ring_s", ".4f"), ("efficiency", "efficiency", ".3f"),
-                                      ("TFLOP/s/GPU", "ring_tflops_per_gpu", ".0f")])
-        lines.append("")
-    if "overlap" in sec:
-        lines += ["## Communication hidden (one document, fwd+bwd)", ""]
-        lines += _table(sec["overlap"], [("backend", "backend", ""), ("tokens/GPU", "tokens_per_gpu", "d"),
-                                         ("ring s", "ring_s", ".4f"), ("kernel removed s", "kernel_removed_s", ".4f"),
-                                         ("exchange removed s", "exchange_removed_s", ".4f"),
-                                         ("exposed comm s", "exposed_comm_s", ".4f"),
-                                         ("hidden", "hidden_fraction", ".3f")])
-        lines.append("")
-    if "memory" in sec:
-        lines += ["## Peak memory per GPU (one document, fwd+bwd)", ""]
-        lines += _table(sec["memory"], [("backend", "backend", ""), ("tokens", "tokens", "d"),
-                                        ("tokens/GPU", "tokens_per_gpu", "d"), ("fwd+bwd s", "seconds_fwd_bwd", ".3f"),
-                                        ("peak GiB", "peak_gib", ".2f"), ("q,k,v,out,grads GiB", "base_gib", ".2f"),
-                                        ("ratio", "ratio", ".2f"), ("error", "error", "")])
-        lines.append("")
-    if "strategy" in sec:
-        lines += ["## Strategies (fwd+bwd)", ""]
-        lines += _table(sec["strategy"], [("mix", "mix", ""), ("tokens/GPU", "tokens_per_gpu", "d"),
-                                          ("strategy", "strategy", ""), ("ring s", "ring_s", ".4f"),
-                                          ("fraction of ideal", "fraction_of_ideal", ".3f"),
-                                          ("fwd MB sent", "fwd_mb", ".1f"), ("max/mean pairs", "imbalance", ".3f")])
-        lines.append("")
-    if results.get("errors"):
-        lines += ["Errors:", "", *(f"- {e}" for e in results["errors"]), ""]
-    if results.get("skipped"):
-        lines += ["Skipped (time budget): " + ", ".join(results["skipped"]), ""]
-    return "\n".join(lines)
-
-
-def _derive(results: dict) -> None:
-    """Columns computed from the raw numbers, for the tables."""
-    for row in results["sections"].get("memory", []):
-        row["peak_gib"], row["base_gib"] = row["peak_bytes"] / 2 ** 30, row["qkv_out_grads_bytes"] / 2 ** 30
-    for row in results["sections"].get("strategy", []):
-        row["fwd_mb"] = row["fwd_bytes_sent"] / 1e6
-        row["imbalance"] = row["max_rank_pairs"] / row["mean_rank_pairs"] if row["mean_rank_pairs"] else 1.0
-
-
-def plot(results: dict, out: Path) -> None:
-    import matplotlib.pyplot as plt
-    sec = results["sections"]
-    if sec.get("kernel"):
-        rows = [r for r in sec["kernel"] if "tflops" in r]
-        fig, ax = plt.subplots(figsize=(8, 4))
-        labels = [f"{r['backend']}\n{r['mix']}\n{r['pass']}" for r in rows]
-        ax.bar(range(len(rows)), [r["tflops"] for r in rows])
-        ax.set_xticks(range(len(rows)), labels, fontsize=6)
-        ax.set_ylabel("TFLOP/s")
-        ax.set_title("local kernel throughput (1 GPU)")
-        fig.tight_layout()
-        fig.savefig(out / "kernel_tflops.png", dpi=120)
-        plt.close(fig)
-    for key, metric, title, fname in (("ring", "efficiency", "ring efficiency T1/(P*T), fwd+bwd",
-                                       "ring_efficiency.png"),
-                                      ("strategy", "fraction_of_ideal", "strategies, fwd+bwd: fraction of ideal",
-                                       "strategies.png")):
-        rows = [r for r in sec.get(key, []) if r.get("pass", "fwd+bwd") == "fwd+bwd"]
-        if not rows:
-            continue
-        fig, ax = plt.subplots(figsize=(7, 4))
-        series: dict[str, list[tuple[int, float]]] = {}
-        for r in rows:
-            label = f"{r.get('backend')} {r['mix']}" + (f" {r['strategy']}" if "strategy" in r else "")
-            series.setdefault(label, []).append((r["tokens_per_gpu"], r[metric]))
-        for label, pts in series.items():
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("tokens per GPU")
-        ax.set_ylabel(metric)
-        ax.set_title(title)
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=120)
-        plt.close(fig)
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -22,10 +22,10 @@ def main(length: int, causal: bool, heads: int, kv_heads: int, head_dim: int = 6
     q, dout = (torch.randn(length, heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g) for _ in "ab")
     k, v = (torch.randn(length, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g) for _ in "ab")
     b = CudnnBackend()
-    out, lse = b.fwd(q, k, v, wave, scale=head_dim ** -0.5, softcap=0.0)
+    ((_, out, lse),) = b.forward(q, k, v, wave, scale=head_dim ** -0.5, softcap=0.0)
     torch.cuda.synchronize()
     print(f"fwd ok {length} causal={causal} {heads}/{kv_heads}", flush=True)
-    dq, dk, dv = b.bwd(dout, q, k, v, out, lse.float(), None, wave, scale=head_dim ** -0.5, softcap=0.0)
+    ((_, _, dq, dk, dv),) = b.backward(dout, q, k, v, out, lse.float(), None, wave, scale=head_dim ** -0.5, softcap=0.0)
     torch.cuda.synchronize()
     print(f"bwd ok {length} causal={causal} {heads}/{kv_heads} finite={bool(dq.isfinite().all())}", flush=True)
 

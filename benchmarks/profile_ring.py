@@ -24,10 +24,8 @@ import torch
 import torch.distributed as dist
 from mixes import long_tail, uniform
 
-from ringpack import lengths_to_cu_seqlens, make_plan, shard
+from ringpack import lengths_to_cu_seqlens, make_plan, ring_attention, shard
 from ringpack.backends import AttnSpec, select_backend
-from ringpack.comm import Ring
-from ringpack.ring import RingAttention
 
 
 def _worker(rank: int, world: int, args: argparse.Namespace, rendezvous: str) -> None:
@@ -45,13 +43,12 @@ def _worker(rank: int, world: int, args: argparse.Namespace, rendezvous: str) ->
     spec = AttnSpec("cuda", torch.bfloat16, 128, 32, 8, True, False, False, False)
     backend = select_backend(args.backend, spec)
     scale = 1.0 / math.sqrt(128)
-    ring = Ring()
 
     def step(times: list[tuple[float, ...]] | None) -> None:
         events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
         events[0].record()
         t0 = time.perf_counter()
-        out, _ = RingAttention.apply(q, k, v, plan, ring, backend, scale, 0.0, False)
+        out = ring_attention(q, k, v, plan, softmax_scale=scale, backend=backend)
         events[1].record()
         t1 = time.perf_counter()
         torch.autograd.grad(out, (q, k, v), dout)

@@ -27,7 +27,7 @@ import warnings
 
 import mixes
 import torch
-from bench import Runner, report_header, script_environment, script_runner
+from harness import Runner, report_header, script_environment, script_runner
 
 from ringpack.backends import select_backend
 from ringpack.comm import Pending, Ring
@@ -195,8 +195,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", default="rank_compute.json", help="JSON file; the markdown table goes beside it (.md)")
     p.add_argument("--budget-s", type=float, default=240.0, help="skip what is left after this many seconds")
     p.add_argument("--dry-run", action="store_true", help="CPU, reference kernel, tiny sizes (checks the script)")
-    p.add_argument("--mix", choices=("one doc", "2k docs", "long tail"), help="measure only this mix")
-    p.add_argument("--tokens-per-rank", type=int, choices=(8192, 32768, 131072), help="measure only this size")
+    p.add_argument("--mix", choices=("one doc", "2k docs", "long tail"), action="append",
+                   help="measure only this mix (repeat for several)")
+    p.add_argument("--tokens-per-rank", type=int, choices=(8192, 32768, 131072), action="append",
+                   help="measure only this size (repeat for several)")
+    p.add_argument("--strategy", choices=("balanced", "zigzag", "contiguous"), action="append",
+                   help="measure only this strategy (repeat for several)")
+    p.add_argument("--backend", action="append",
+                   help="run these backends on every mix instead of the grid's (repeat for several)")
+    p.add_argument("--fwd-bwd-only", action="store_true", help="skip the forward-only rows")
     p.add_argument("--profile", type=int, default=0, metavar="TOKENS_PER_RANK",
                    help="first write torch.profiler's op tables of one document of this many tokens per rank "
                         "(auto) beside --out (.profile.txt)")
@@ -208,11 +215,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f.write(profile(r, args.profile, args.world, "reference" if args.dry_run else "auto"))
     start, rows = time.perf_counter(), []
     for mix, tpg, lengths, strategies, backends, passes in grid(args.world, args.dry_run):
-        if (args.mix or mix) != mix or (args.tokens_per_rank or tpg) != tpg:
+        if mix not in (args.mix or [mix]) or tpg not in (args.tokens_per_rank or [tpg]):
             continue
-        for backend in backends:
-            for strategy in strategies:
-                for backward in passes:
+        for backend in args.backend or backends:
+            for strategy in (s for s in strategies if s in (args.strategy or [s])):
+                for backward in (b for b in passes if b or not args.fwd_bwd_only):
                     head = {"mix": mix, "tokens_per_gpu": tpg, "strategy": strategy, "backend": backend,
                             "pass": "fwd+bwd" if backward else "fwd"}
                     if time.perf_counter() - start > args.budget_s:

@@ -13,6 +13,7 @@ from ringpack.packing import (
 )
 from ringpack.plan import STRATEGIES, Plan, make_plan
 from ringpack.sharding import gather, shard, unshard
+from ringpack.warmup import warmup
 
 __version__ = "0.1.0"
 
@@ -32,4 +33,5 @@ __all__ = [
     "shard",
     "shard_batch",
     "unshard",
+    "warmup",
 ]

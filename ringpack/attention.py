@@ -55,17 +55,29 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan
         ``out`` ``[N, H, D]`` in the dtype of ``q``, or ``(out, lse)`` with ``return_lse``. Differentiable once
         (q, k, v); a second derivative (``create_graph=True`` through the backward) raises.
     """
-    ring, scale, softcap, return_lse = _validate(q, k, v, plan, group, causal, window_size, softmax_scale, softcap,
-                                                 return_lse, dropout_p)
+    args = (q, k, v, plan, group, causal, window_size, softmax_scale, softcap, return_lse, dropout_p, backend)
+    if torch.compiler.is_compiling():
+        # Under torch.compile the ring runs as two registered ops (ringpack.ops) that dynamo traces as single nodes;
+        # checking and picking the backend run on the host, outside the graph, with the call's token as the result.
+        out, lse = torch.ops.ringpack.ring_fwd(q, k, v, _token(*args))
+    else:
+        out, lse = RingAttention.apply(q, k, v, *_prepare(*args))
+    return (out, lse) if boolean("return_lse", return_lse) else out
+
+
+def _prepare(q, k, v, plan, group, causal, window_size, softmax_scale, softcap, return_lse, dropout_p, backend):
+    """``(plan, ring, backend, scale, softcap, lse_grad)`` of a call, every argument checked."""
+    ring, scale, softcap, lse_grad = _validate(q, k, v, plan, group, causal, window_size, softmax_scale, softcap,
+                                               return_lse, dropout_p)
     spec = AttnSpec(device_type=q.device.type, dtype=q.dtype, head_dim=q.shape[-1], num_heads=q.shape[1],
                     num_kv_heads=k.shape[1], causal=plan.causal, window=plan.window_size != (-1, -1),
-                    softcap=softcap > 0, lse_grad=return_lse)
-    impl = select_backend(backend, spec)
-    # Under torch.compile the ring runs as two registered ops (ringpack.ops) that dynamo traces as single
-    # nodes; eagerly it runs here, through the autograd.Function, with no op registry in between.
-    apply = ops.apply if torch.compiler.is_compiling() else RingAttention.apply
-    out, lse = apply(q, k, v, plan, ring, impl, scale, softcap, return_lse)
-    return (out, lse) if return_lse else out
+                    softcap=softcap > 0, lse_grad=lse_grad)
+    return plan, ring, select_backend(backend, spec), scale, softcap, lse_grad
+
+
+@torch.compiler.disable
+def _token(*args) -> torch.Tensor:
+    return ops.intern(*_prepare(*args))
 
 
 def _validate(q, k, v, plan, group, causal, window_size, softmax_scale, softcap, return_lse,

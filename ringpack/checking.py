@@ -17,12 +17,9 @@ import torch
 import torch.distributed as dist
 
 from ringpack.attention import ring_attention
-from ringpack.backends import AttnSpec, select_backend
-from ringpack.comm import Ring
 from ringpack.distributed import verify_plan
 from ringpack.packing import lengths_to_cu_seqlens
 from ringpack.plan import STRATEGIES, make_plan
-from ringpack.ring import RingAttention
 from ringpack.sharding import shard
 
 
@@ -284,15 +281,11 @@ def _single_device_errors(case, q, k, v, dout, dlse, cu, ref, device,
                           dtype) -> tuple[dict[str, float], dict[str, float]]:
     """Errors of the same backend run on the whole batch on one device (a one-rank plan, no communication)."""
     plan = make_plan(cu, 1, strategy=case.strategy, causal=case.causal, window_size=case.window_size)
-    spec = AttnSpec(device_type=device.type, dtype=dtype, head_dim=case.head_dim, num_heads=case.heads,
-                    num_kv_heads=case.kv_heads, causal=case.causal, window=case.window_size != (-1, -1),
-                    softcap=case.softcap > 0, lse_grad=True)
-    impl = select_backend(case.backend, spec)
-    scale = 1.0 / math.sqrt(case.head_dim)
-    # A one-rank plan may still reorder documents (``balanced`` does): run and compare in its local order.
+    # A one-rank plan may still reorder documents (``balanced`` does): run and compare in its local order. It runs
+    # on this device alone inside the job (no communication).
     inputs = [shard(t, plan, 0).to(device=device, dtype=dtype) for t in (q, k, v, dout)]
-    got = _grads(lambda q_, k_, v_: RingAttention.apply(q_, k_, v_, plan, Ring.local(), impl, scale,
-                                                        float(case.softcap), True),
+    got = _grads(lambda q_, k_, v_: ring_attention(q_, k_, v_, plan, causal=case.causal, window_size=case.window_size,
+                                                   softcap=case.softcap, return_lse=True, backend=case.backend),
                  *inputs[:3], inputs[3], shard(dlse.t(), plan, 0).t().to(device))
     want = [shard(ref[0], plan, 0), shard(ref[1].t(), plan, 0).t(), *(shard(g, plan, 0) for g in ref[2:])]
     stats = [_compare(g, w) for g, w in zip(got, want)]

@@ -30,11 +30,17 @@ class Pending:
             for w in self.works:
                 w.wait()  # bounded by the process group's timeout
         except RuntimeError as e:
-            rank = dist.get_rank() if dist.is_initialized() else 0
-            raise RuntimeError(f"ringpack: ring exchange failed on rank {rank}: a neighbouring rank died, stalled "
-                               f"past the process-group timeout, or runs a different plan ({e})") from e
+            raise exchange_failed(e) from e
         self.works, self.send = [], None
         return self.recv
+
+
+def exchange_failed(e: Exception) -> RuntimeError:
+    """The error every rank raises when an exchange fails: a peer died (gloo: "Connection closed by peer"),
+    stalled past the timeout, or posted a different sequence of messages."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return RuntimeError(f"ringpack: ring exchange failed on rank {rank}: a neighbouring rank died, stalled past the "
+                        f"process-group timeout, or runs a different plan ({type(e).__name__}: {e})")
 
 
 class Ring:
@@ -71,5 +77,8 @@ class Ring:
                                   self.group))
         if recv.numel():
             ops.append(dist.P2POp(dist.irecv, recv, self._global((self.rank - shift) % self.size), self.group))
-        works = dist.batch_isend_irecv(ops) if ops else []
+        try:
+            works = dist.batch_isend_irecv(ops) if ops else []
+        except RuntimeError as e:  # a peer already gone fails the post itself
+            raise exchange_failed(e) from e
         return Pending(works, recv, send)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ringpack import _ext
+from ringpack import _ext, _triton
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -33,6 +33,8 @@ def merge_(out_acc_THD: torch.Tensor, lse_acc_HT: torch.Tensor, out_THD: torch.T
     """
     assert out_acc_THD.shape == out_THD.shape and lse_acc_HT.shape == lse_HT.shape, "merge_: shape mismatch"
     if out_THD.is_cuda and _ext.merge_(out_acc_THD, lse_acc_HT, out_THD, lse_HT):
+        return
+    if _triton.merge_(out_acc_THD, lse_acc_HT, out_THD, lse_HT):
         return
     lse_b = lse_HT.to(lse_acc_HT.dtype)
     hi = torch.maximum(lse_acc_HT, lse_b)

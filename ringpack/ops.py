@@ -2,31 +2,31 @@
 
 Legend: ``q_NHD`` local queries, ``k_NKD``/``v_NKD`` local keys/values, ``lse_HN`` fp32/fp64.
 The ring (NCCL exchanges, host-side plan walking) runs as two opaque ops, ``ringpack::ring_fwd`` and
-``ringpack::ring_bwd``, with fake implementations that give every output's shape and dtype. The
-non-tensor state of a call (plan, process-group ring, backend, scale, softcap) cannot be an op
-argument, so it is interned here and the ops take its integer handle::
+``ringpack::ring_bwd``, with fake implementations that give every output's shape and dtype. The non-tensor
+state of a call (plan, process-group ring, backend, scale, softcap) cannot be an op argument, so each call's
+state is registered here and the ops take a *token*: a one-element int64 CPU tensor naming it::
 
-    handle = intern(plan, ring, backend, scale, softcap, lse_grad)   # host, never traced
-    out, lse = torch.ops.ringpack.ring_fwd(q, k, v, handle)           # traced as one node
+    token = intern(plan, ring, backend, scale, softcap, lse_grad)   # host, never traced
+    out, lse = torch.ops.ringpack.ring_fwd(q, k, v, token)         # traced as one node
 
-Handles are kept for the last ``MAX_CONTEXTS`` distinct calls (a plan is made per batch and reused by
-every layer, so a training step uses one or two); a handle that was dropped raises a clear error.
+The state lives exactly as long as its token: the token's memory is a small host buffer that owns the state's
+registry entry and drops it when torch frees the buffer. The forward saves the token for the backward (eagerly
+and in compiled graphs alike), so the state stays while any autograd graph may still need it, with no cap on the
+calls in flight, and is gone when the graph is. Handles are never reused.
 """
 
 from __future__ import annotations
 
-import collections
+import itertools
 from dataclasses import dataclass
 
 import torch
 
-from ringpack import ring as ring_mod
+from ringpack import ring as ring_loop
 from ringpack.backends.base import Backend
 from ringpack.comm import Ring
 from ringpack.merge import accumulation_dtype
 from ringpack.plan import Plan
-
-MAX_CONTEXTS = 256
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,82 +41,77 @@ class Context:
     lse_grad: bool  # the caller differentiates through the returned lse
 
 
-_contexts: collections.OrderedDict[int, Context] = collections.OrderedDict()
-_keys: dict[tuple, int] = {}
+_contexts: dict[int, Context] = {}
+_handles = itertools.count(1)
+
+
+class _Anchor(bytearray):
+    """The 8 bytes behind a token (its handle): torch keeps them alive as long as the token's storage lives, and
+    when it frees them the call's state goes with them."""
+
+    def __del__(self) -> None:
+        _contexts.pop(int.from_bytes(self, "little"), None)
 
 
 @torch.compiler.disable
-def intern(plan: Plan, ring: Ring, backend: Backend, scale: float, softcap: float, lse_grad: bool) -> int:
-    """The handle of this call's context; the same objects give the same handle.
+def intern(plan: Plan, ring: Ring, backend: Backend, scale: float, softcap: float, lse_grad: bool) -> torch.Tensor:
+    """A token for this call's state, to pass to the ops.
 
-    Never traced: a plan is host data that changes every batch, and a graph that baked one plan's
-    handle in would run the next batch with it. Under ``torch.compile`` this is one graph break per
-    call (the ops themselves trace); a model that interns its plans outside can trace ``fullgraph``.
-    """
-    key = (id(plan), id(ring), id(backend), float(scale), float(softcap), bool(lse_grad))
-    handle = _keys.get(key)
-    if handle is not None and handle in _contexts and _contexts[handle].plan is plan:
-        _contexts.move_to_end(handle)
-        return handle
-    handle = (max(_contexts) + 1) if _contexts else 0
+    Never traced: a plan is host data that changes every batch, and a graph that baked one plan in would run the
+    next batch with it. Under ``torch.compile`` this is one graph break per call (the ops themselves trace); a model
+    that interns its calls outside the compiled region traces ``fullgraph``."""
+    handle = next(_handles)
     _contexts[handle] = Context(plan, ring, backend, float(scale), float(softcap), bool(lse_grad))
-    _keys[key] = handle
-    while len(_contexts) > MAX_CONTEXTS:
-        old, ctx = _contexts.popitem(last=False)
-        _keys.pop((id(ctx.plan), id(ctx.ring), id(ctx.backend), ctx.scale, ctx.softcap, ctx.lse_grad), None)
-    return handle
+    return torch.frombuffer(_Anchor(handle.to_bytes(8, "little")), dtype=torch.int64)
 
 
-def context(handle: int) -> Context:
+def context(token: torch.Tensor) -> Context:
+    handle = int(token.item())
     try:
         return _contexts[handle]
     except KeyError:
-        raise ValueError(f"ringpack: ring context {handle} is gone (only the last {MAX_CONTEXTS} are kept); "
-                         "call ring_attention again with its plan") from None
+        raise ValueError(f"ringpack: ring call {handle} has no state: its token was freed or is not from "
+                         "ringpack.ops.intern; call ring_attention again") from None
 
 
 @torch.library.custom_op("ringpack::ring_fwd", mutates_args=())
-def ring_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int) -> tuple[torch.Tensor, torch.Tensor]:
-    c = context(handle)
-    return ring_mod._forward(q, k, v, c.plan, c.ring, c.backend, c.scale, c.softcap)
+def ring_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+    c = context(token)
+    ring_loop.agree(c.plan, c.ring, q, k)
+    return ring_loop.forward(q, k, v, c.plan, c.ring, c.backend, c.scale, c.softcap)
 
 
 @ring_fwd.register_fake
-def _(q, k, v, handle):
+def _(q, k, v, token):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=accumulation_dtype(q.dtype))
 
 
 @torch.library.custom_op("ringpack::ring_bwd", mutates_args=())
 def ring_bwd(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             out: torch.Tensor, lse: torch.Tensor, handle: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    c = context(handle)
-    dq, dk, dv = ring_mod._backward(dout.contiguous(), dlse if c.lse_grad else None, q, k, v, out, lse, c.plan,
-                                    c.ring, c.backend, c.scale, c.softcap)
-    return dq, dk.contiguous(), dv.contiguous()  # laid out as the fake says (a kernel's own dk may be a view)
+             out: torch.Tensor, lse: torch.Tensor, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                               torch.Tensor]:
+    c = context(token)
+    return ring_loop.backward(dout.contiguous(), dlse if c.lse_grad else None, q, k, v, out, lse, c.plan, c.ring,
+                              c.backend, c.scale, c.softcap)
 
 
 @ring_bwd.register_fake
-def _(dout, dlse, q, k, v, out, lse, handle):
+def _(dout, dlse, q, k, v, out, lse, token):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, handle = inputs
+    q, k, v, token = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.handle = handle
+    ctx.save_for_backward(q, k, v, out, lse, token)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = ring_bwd(dout, dlse, q, k, v, out, lse, ctx.handle)
+    q, k, v, out, lse, token = ctx.saved_tensors
+    dq, dk, dv = ring_bwd(dout, dlse, q, k, v, out, lse, token)
     return dq, dk, dv, None
 
 
 ring_fwd.register_autograd(_backward, setup_context=_setup)
 
-
-def apply(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, ring: Ring, backend: Backend, scale: float,
-          softcap: float, lse_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop-in for ``ring.RingAttention.apply`` with the same arguments, traceable by ``torch.compile``."""
-    return ring_fwd(q, k, v, intern(plan, ring, backend, scale, softcap, lse_grad))

@@ -1,35 +1,41 @@
-"""The ring scheduler: one loop for every strategy and backend, forward and backward.
+"""The ring scheduler: one loop for every strategy and backend, forward and backward, and its autograd.Function.
 
 Legend: ``N`` local tokens, ``H``/``Hk`` query/KV heads, ``D`` head dim; a KV message ``kv_2MKD`` holds the
 ``M`` rows a step reads of k, then the same rows of v, so that one message carries both (KV heads are never
 repeated) and each half is a contiguous ``[M, Hk, D]`` tensor for the kernels; dK/dV travel back the same way.
 
-Forward, rank ``r``, step ``s`` of ``P``::
+Forward, rank ``r``, over its busy steps ``0 = s_0 < s_1 < ...`` (``Plan.busy_steps``)::
 
     step 0: local tiles on the own kv
-    step s: tiles on the rows of rank (r - s)'s kv that they read  -->  merge (out, lse) in fp32/fp64
-            meanwhile step s + 1's rows are in flight: rank r sends plan.send_runs(r, s + 1) to r + s + 1
-            and receives its next buffer from r - s - 1 (double buffer)
+    step s: tiles on the rows of rank (r - s)'s kv that they read  -->  pieces merged by the accumulator
+            meanwhile the next busy step's rows are in flight: rank r sends plan.send_runs(r, s') to r + s' and
+            receives its next buffer from r - s' (double buffer)
 
-Each source sends its rows straight to the rank that reads them instead of relaying a whole shard
-around the ring: every message carries only rows some tile reads, nothing is forwarded through a
-rank that does not need it, and a step without tiles moves nothing. On one node (NVLink, a switch)
-a shift by ``s`` costs what a shift by 1 costs.
+Each source sends its rows straight to the rank that reads them instead of relaying a whole shard around the
+ring: every message carries only rows some tile reads, nothing is forwarded through a rank that does not need
+it, and a step without tiles moves nothing. On one node (NVLink, a switch) a shift by ``s`` costs what a shift
+by 1 costs.
 
-Backward: the same rows travel again; the dK/dV of the rows received at step ``s`` go straight back
-to their owner (a shift by ``-s``), overlapped with the next step. Each tile's gradient uses the final
-``out`` and ``lse`` of the whole ring, so tiles are independent and exact, and the backward runs the
-local step last, where it hides the last return.
+Backward: the same rows travel again; the dK/dV of the rows received at step ``s`` go straight back to their
+owner (a shift by ``-s``), overlapped with the next step. Each tile's gradient uses the final ``out`` and ``lse``
+of the whole ring, so tiles are independent and exact, and the backward runs the local step last, where it
+hides the last return. Every rank posts its exchanges in one global order (KV of step ``s + 1`` before the
+return of step ``s``, before KV of step ``s + 2``), skipping those it has no part in: point-to-point messages
+match in posting order, and NCCL runs a rank's exchanges one after another.
 """
 
 from __future__ import annotations
 
+import collections
+import weakref
+
 import torch
+import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
+from ringpack import accumulate
 from ringpack.backends import Backend
-from ringpack.comm import Pending, Ring
-from ringpack.merge import accumulation_dtype
+from ringpack.comm import Pending, Ring, exchange_failed
 from ringpack.plan import Plan
 
 
@@ -40,163 +46,115 @@ def kv_message(k_NKD: torch.Tensor, v_NKD: torch.Tensor, runs: tuple[tuple[int, 
     return torch.cat([x[a:a + n] for x in (k_NKD, v_NKD) for a, n in runs]).unflatten(0, (2, -1))
 
 
-def _prefetch(k_NKD: torch.Tensor, v_NKD: torch.Tensor, plan: Plan, ring: Ring, step: int) -> Pending | None:
+def _post_kv(k_NKD, v_NKD, plan: Plan, ring: Ring, step: int) -> Pending:
     """Start the exchange of ``step``'s rows: ours to ``r + step``, ours-to-read from ``r - step``."""
-    if step >= plan.world_size:
-        return None
     runs = plan.send_runs(ring.rank, step)
     return ring.shift(kv_message(k_NKD, v_NKD, runs) if runs else None, step,
                       (2, plan.steps[ring.rank][step].recv_tokens, *k_NKD.shape[1:]), k_NKD.dtype, k_NKD.device)
 
 
-# Fixed costs matter at a few thousand tokens per GPU: every pass over a [N, H, D] fp32 accumulator
-# and every kernel launch shows. So the loops below allocate accumulators only where two results meet:
-# a rank whose work is one wave returns the kernel's own results, a first wave that covers every row
-# becomes the accumulator by one conversion (no zero fill), and k/v are stacked only when sent. A wave
-# whose results come in pieces (``auto`` splitting it between kernels, cuDNN tiles off the diagonal)
-# merges each piece straight into the accumulators instead of assembling it first.
-
-
-# A row whose results come from at most this many kernels is accumulated in the input dtype: adding
-# (or merging, computed in fp32) two 16-bit partials and rounding once gives exactly the bits of an
-# fp32 accumulator rounded at the end, with no fp32 copy, pass or conversion. Deeper rows use fp32.
-# Query rows count waves (``Plan.query_depth``), key rows the tiles of every rank reading them
-# (``Plan.key_depth``); a dK/dV message travels in its owner's dtype, so 16-bit keys return half the bytes.
-ROUND_ONCE_DEPTH = 2
-
-
-def _whole(wave, n: int, only_wave: bool, backend: Backend) -> bool:
-    """Whether a first ``wave`` becomes the accumulators as it is: it covers all ``n`` rows, and it is the
-    rank's only wave or its results come in one piece."""
-    return wave.q_span == (0, n) and (only_wave or not backend.assembles(wave))
-
-
-def _forward(q_NHD, k_NKD, v_NKD, plan: Plan, ring: Ring, backend: Backend, scale: float, softcap: float):
-    rank, n = ring.rank, q_NHD.shape[0]
-    acc = accumulation_dtype(q_NHD.dtype)
-    out_dtype = q_NHD.dtype if plan.query_depth[rank] <= ROUND_ONCE_DEPTH else acc
-    steps = plan.steps[rank]
-    only_wave = sum(len(step.waves) for step in steps) == 1
-    out_acc = lse_acc = None
-    pending = _prefetch(k_NKD, v_NKD, plan, ring, 1)
-    for s, step in enumerate(steps):
+def _kv_steps(k_NKD, v_NKD, plan: Plan, ring: Ring, order: list[int], returns: collections.deque | None = None):
+    """``(s, step, k_MKD, v_MKD)`` for the busy steps ``order`` (step 0 at most once, anywhere), with the next
+    remote step's rows in flight while the caller computes. With ``returns``, the caller posts the return of
+    each remote step before the generator resumes, and the next KV exchange is posted after it unless that step
+    comes right after this one: the global order every rank follows (see the module docstring)."""
+    remote = [s for s in order if s]
+    pending = _post_kv(k_NKD, v_NKD, plan, ring, remote[0]) if remote else None
+    for i, s in enumerate(order):
+        step = plan.steps[ring.rank][s]
         if s == 0:
-            k_MKD, v_MKD = k_NKD, v_NKD
-        else:
-            kv_2MKD = pending.wait()
-            pending = _prefetch(k_NKD, v_NKD, plan, ring, s + 1)
-            k_MKD, v_MKD = kv_2MKD[0], kv_2MKD[1]
+            yield 0, step, k_NKD, v_NKD
+            continue
+        kv_2MKD = pending.wait()
+        nxt = next((t for t in order[i + 1:] if t), None)
+        early = nxt is not None and (returns is None or nxt == s + 1)
+        if early:
+            pending = _post_kv(k_NKD, v_NKD, plan, ring, nxt)
+        yield s, step, kv_2MKD[0], kv_2MKD[1]
+        if nxt is not None and not early:
+            pending = _post_kv(k_NKD, v_NKD, plan, ring, nxt)
+
+
+def forward(q_NHD, k_NKD, v_NKD, plan: Plan, ring: Ring, backend: Backend, scale: float, softcap: float):
+    """This rank's ``(out [N, H, D], lse [H, N])`` over the whole ring (all ranks call it)."""
+    acc = accumulate.Softmax(q_NHD, accumulate.storage_dtype(q_NHD.dtype, plan.query_depth[ring.rank]))
+    for _, step, k_MKD, v_MKD in _kv_steps(k_NKD, v_NKD, plan, ring, list(plan.busy_steps(ring.rank))):
         for wave in step.waves:
-            if out_acc is None and _whole(wave, n, only_wave, backend):
-                out, lse = backend.fwd(q_NHD, k_MKD, v_MKD, wave, scale=scale, softcap=softcap)
-                out_acc, lse_acc = (out, lse) if only_wave else (out.to(out_dtype), lse.to(acc))
-                continue
-            if out_acc is None:
-                out_acc = torch.zeros(q_NHD.shape, dtype=out_dtype, device=q_NHD.device)
-                lse_acc = torch.full((q_NHD.shape[1], n), float("-inf"), dtype=acc, device=q_NHD.device)
-            backend.fwd_merge_(out_acc, lse_acc, q_NHD, k_MKD, v_MKD, wave, scale=scale, softcap=softcap)
-    if out_acc is None:  # nothing visible on this rank
-        return torch.zeros_like(q_NHD), torch.full((q_NHD.shape[1], n), float("-inf"), dtype=acc,
-                                                    device=q_NHD.device)
-    return out_acc.to(q_NHD.dtype).contiguous(), lse_acc.to(acc).contiguous()
+            for piece in backend.forward(q_NHD, k_MKD, v_MKD, wave, scale=scale, softcap=softcap):
+                acc.add(*piece)
+    return acc.result()
 
 
-def _grad_dtype(depth: int, q_NHD: torch.Tensor, backend: Backend) -> torch.dtype:
-    """Where gradients of rows reached by ``depth`` partial results accumulate: the input dtype when the kernels
-    return exact 16-bit gradients and one rounding covers every addition (``ROUND_ONCE_DEPTH``), else fp32/fp64."""
-    if depth <= ROUND_ONCE_DEPTH and backend.grads_in_input_dtype:
-        return q_NHD.dtype
-    return accumulation_dtype(q_NHD.dtype)
+def backward(dout_NHD, dlse_HN, q_NHD, k_NKD, v_NKD, out_NHD, lse_HN, plan: Plan, ring: Ring, backend: Backend,
+             scale: float, softcap: float):
+    """This rank's ``(dq, dk, dv)`` against the ring's final ``out``/``lse`` (all ranks call it)."""
+    rank, exact = ring.rank, backend.EXACT_16BIT_GRADS
+    dq = accumulate.Sums(q_NHD.shape[0], (q_NHD,),
+                         accumulate.storage_dtype(q_NHD.dtype, plan.query_depth[rank], exact))
+    own_dtype = accumulate.storage_dtype(q_NHD.dtype, plan.key_depth[rank], exact)  # our dK/dV, and what returns
+    own = accumulate.Sums(k_NKD.shape[0], (k_NKD, v_NKD), own_dtype)
+    returning: collections.deque[tuple[int, Pending]] = collections.deque()
 
+    def take_back(step: int, pending: Pending) -> None:
+        own.add(plan.send_runs(rank, step), *pending.wait().unbind(0))
 
-def _backward(dout_NHD, dlse_HN, q_NHD, k_NKD, v_NKD, out_NHD, lse_HN, plan: Plan, ring: Ring,
-              backend: Backend, scale: float, softcap: float):
-    rank, world, n = ring.rank, plan.world_size, q_NHD.shape[0]
-    dq_dtype = _grad_dtype(plan.query_depth[rank], q_NHD, backend)
-    own_dtype = _grad_dtype(plan.key_depth[rank], q_NHD, backend)  # our dK/dV, and what comes back to us
-    steps = plan.steps[rank]
-    only_wave = sum(len(step.waves) for step in steps) == 1
-    dq_acc = None
-    # step -> (dK, dV, message): the own keys' at step 0 (no message), each received step's as the two halves of
-    # the message that takes them back to their owner, in the owner's dtype
-    dkv = {0: None}
-    returning: list[tuple[Pending, int]] = []  # dK/dV of our rows coming back, with the step that sent them
-
-    def key_grads(s: int, m: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step ``s``'s dK/dV accumulators over ``m`` keys, zero on first use: the own keys' (``s = 0``) apart,
-        the received keys' as the two halves of one message back to their owner (``[2, m, Hk, D]``: every add
-        and copy runs over contiguous rows)."""
-        if dkv[s] is None:
-            if s == 0:
-                dkv[0] = (*(torch.zeros(k_NKD.shape, dtype=dtype, device=q_NHD.device) for _ in "kv"), None)
-            else:
-                buf = torch.zeros((2, m, *k_NKD.shape[1:]), dtype=dtype, device=q_NHD.device)
-                dkv[s] = (buf[0], buf[1], buf)
-        return dkv[s][0], dkv[s][1]
-
-    def take_back(pending: Pending, step: int) -> None:
-        grad_2MKD, at = pending.wait(), 0
-        for a, m in plan.send_runs(rank, step):
-            dk, dv = key_grads(0, n, own_dtype)
-            dk[a:a + m] += grad_2MKD[0, at:at + m]
-            dv[a:a + m] += grad_2MKD[1, at:at + m]
-            at += m
-
-    # Steps 1 .. P-1, then the local step 0: tiles are independent, and computing the local tiles last
-    # hides the return of the last remote step's dK/dV behind them. The first fetch is exposed instead.
-    pending = _prefetch(k_NKD, v_NKD, plan, ring, 1)
-    for s in (*range(1, world), 0):
-        step = steps[s]
-        if s == 0:
-            k_MKD, v_MKD, m = k_NKD, v_NKD, n
-        else:
-            kv_2MKD = pending.wait()
-            pending = _prefetch(k_NKD, v_NKD, plan, ring, s + 1)
-            k_MKD, v_MKD, m = kv_2MKD[0], kv_2MKD[1], step.recv_tokens
-            dkv[s] = None
-        kv_dtype = _grad_dtype(plan.key_depth[step.source], q_NHD, backend)
+    # Remote steps first, then the local step 0: tiles are independent, and computing the local tiles last hides
+    # the return of the last remote step's dK/dV behind them. The first fetch is exposed instead.
+    busy = plan.busy_steps(rank)
+    for s, step, k_MKD, v_MKD in _kv_steps(k_NKD, v_NKD, plan, ring, [*busy[1:], 0], returning):
+        keys = own if s == 0 else accumulate.Sums(
+            step.recv_tokens, (k_MKD, v_MKD),
+            accumulate.storage_dtype(q_NHD.dtype, plan.key_depth[step.source], exact), message=True)
         for wave in step.waves:
-            # A wave's results become the accumulators as they are when it is the first to reach all of its rows
-            # (queries) or keys, in one piece; else it adds into them (``bwd_add_``: no hull-sized assembly).
-            dq_whole = dq_acc is None and _whole(wave, n, only_wave, backend)
-            kv_whole = dkv[s] is None and wave.k_span == (0, m) and (only_wave or not backend.assembles(wave))
-            if not (dq_whole or kv_whole):
-                if dq_acc is None:
-                    dq_acc = torch.zeros(q_NHD.shape, dtype=dq_dtype, device=q_NHD.device)
-                backend.bwd_add_(dq_acc, *key_grads(s, m, kv_dtype), dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD,
-                                 lse_HN, dlse_HN, wave, scale=scale, softcap=softcap)
-                continue
-            dq, dk, dv = backend.bwd(dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN, wave, scale=scale,
-                                     softcap=softcap)
-            (q0, q1), (k0, k1) = wave.q_span, wave.k_span
-            if dq_whole:
-                dq_acc = dq if only_wave else dq.to(dq_dtype)
-            else:
-                if dq_acc is None:
-                    dq_acc = torch.zeros(q_NHD.shape, dtype=dq_dtype, device=q_NHD.device)
-                dq_acc[q0:q1] += dq
-            if kv_whole and s == 0:
-                dkv[0] = (dk.to(kv_dtype), dv.to(kv_dtype), None)
-            elif kv_whole:
-                buf = torch.empty((2, m, *k_NKD.shape[1:]), dtype=kv_dtype, device=q_NHD.device)
-                buf[0], buf[1] = dk, dv
-                dkv[s] = (buf[0], buf[1], buf)
-            else:
-                dk_acc, dv_acc = key_grads(s, m, kv_dtype)
-                dk_acc[k0:k1] += dk
-                dv_acc[k0:k1] += dv
-        if s > 0:
-            grad_2MKD = None if dkv[s] is None else dkv.pop(s)[2]
-            returning.append((ring.shift(grad_2MKD, -s, (2, plan.send_tokens[rank][s], *k_NKD.shape[1:]), own_dtype,
-                                         q_NHD.device), s))
+            for rows, kidx, dq_p, dk_p, dv_p in backend.backward(dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN,
+                                                                 dlse_HN, wave, scale=scale, softcap=softcap):
+                dq.add(rows, dq_p)
+                keys.add(kidx, dk_p, dv_p)
+        if s:  # our dK/dV of the rows we received go back to their owner; ours come back from r + s
+            back = keys.message() if step.recv_tokens else None
+            returning.append((s, ring.shift(back, -s, (2, plan.send_tokens[rank][s], *k_NKD.shape[1:]), own_dtype,
+                                            q_NHD.device)))
         if len(returning) > 1:
-            take_back(*returning.pop(0))
+            take_back(*returning.popleft())
     for item in returning:
         take_back(*item)
-    dq = torch.zeros_like(q_NHD) if dq_acc is None else dq_acc.to(q_NHD.dtype).contiguous()
-    if dkv[0] is None:  # no rank reads our keys
-        return dq, torch.zeros_like(k_NKD), torch.zeros_like(v_NKD)
-    return dq, dkv[0][0].to(k_NKD.dtype).contiguous(), dkv[0][1].to(v_NKD.dtype).contiguous()
+    return (*dq.result(), *own.result())
+
+
+_agreed: dict[int, set] = {}  # id(plan) -> head layouts and dtypes every rank of the group was seen to use
+
+
+def agree(plan: Plan, ring: Ring, q_NHD: torch.Tensor, k_NKD: torch.Tensor) -> None:
+    """Raise the same ValueError on every rank unless all ranks run ``plan`` with one head layout and dtype.
+
+    Message sizes follow from them, and a rank expecting other sizes than its peer sends is killed by gloo
+    (``EnforceNotMet``) or hangs NCCL. One all-gather of five integers per plan and layout: a plan is made per
+    batch and every layer shares it."""
+    if ring.size == 1 or ring.group is None and not dist.is_initialized():
+        return
+    mine = (q_NHD.shape[1], k_NKD.shape[1], q_NHD.shape[2], _DTYPE_CODES.get(q_NHD.dtype, -1), plan.total_tokens)
+    seen = _agreed.get(id(plan))
+    if seen is not None and mine in seen:
+        return
+    device = q_NHD.device if dist.get_backend(ring.group) == "nccl" else torch.device("cpu")
+    gathered = [torch.empty(5, dtype=torch.int64, device=device) for _ in range(ring.size)]
+    try:
+        dist.all_gather(gathered, torch.tensor(mine, dtype=torch.int64, device=device), group=ring.group)
+    except RuntimeError as e:
+        raise exchange_failed(e) from e
+    rows = [tuple(t.tolist()) for t in gathered]
+    if len(set(rows)) > 1:
+        names = {v: k for k, v in _DTYPE_CODES.items()}
+        detail = "; ".join(f"rank {r}: {h} heads, {hk} kv heads, head_dim {d}, {names.get(c, 'dtype ?')}, plan of "
+                           f"{t} tokens" for r, (h, hk, d, c, t) in enumerate(rows))
+        raise ValueError(f"ranks of the group call ring_attention with different shapes, dtypes or plans: {detail}")
+    if seen is None:
+        seen = _agreed[id(plan)] = set()
+        weakref.finalize(plan, _agreed.pop, id(plan), None)
+    seen.add(mine)
+
+
+_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 
 
 class RingAttention(torch.autograd.Function):
@@ -204,7 +162,8 @@ class RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, plan, ring, backend, scale, softcap, lse_grad):
-        out, lse = _forward(q, k, v, plan, ring, backend, scale, softcap)
+        agree(plan, ring, q, k)
+        out, lse = forward(q, k, v, plan, ring, backend, scale, softcap)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (plan, ring, backend, scale, softcap, lse_grad)
         return out, lse
@@ -214,6 +173,6 @@ class RingAttention(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         plan, ring, backend, scale, softcap, lse_grad = ctx.args
-        dq, dk, dv = _backward(dout, dlse if lse_grad else None, q, k, v, out, lse, plan, ring, backend,
-                               scale, softcap)
+        dq, dk, dv = backward(dout.contiguous(), dlse if lse_grad else None, q, k, v, out, lse, plan, ring, backend,
+                              scale, softcap)
         return dq, dk, dv, None, None, None, None, None, None

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from ringpack import _ext
+from ringpack import _ext, _triton
 from ringpack.plan import Plan, check_rank
 from ringpack.schedule import prefix_sums
 
@@ -25,12 +25,16 @@ def shard(x: torch.Tensor, plan: Plan, rank: int) -> torch.Tensor:
     runs = plan.ranges[rank]
     if len(runs) == 1:
         return x[runs[0][0]:runs[0][0] + runs[0][1]]
+    # One gather kernel instead of a copy per run (packs have thousands of runs): the extension's when it was
+    # built, else Triton's; torch's cat where neither runs (the CPU, autograd).
     if _ext.gathers(x):
-        # One gather kernel instead of a copy per run (packs have thousands of runs).
         out = x.new_empty((plan.num_tokens[rank], *x.shape[1:]))
         at = prefix_sums(n for _, n in runs)
         _ext.copy_runs(out, x, [(a, n, d) for (a, n), d in zip(runs, at)])
         return out
+    gathered = _triton.gather_rows(x, runs, plan.num_tokens[rank]) if x.is_cuda else None
+    if gathered is not None:
+        return gathered
     return torch.cat([x[a:a + n] for a, n in runs]) if runs else x[:0]
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ringpack import lengths_to_cu_seqlens, make_plan, shard
-from ringpack.backends import BACKENDS
+from ringpack.backends.reference import ReferenceBackend
 from ringpack.checking import reference_attention
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -44,7 +44,7 @@ def test_each_rank_computes_its_share_exactly(strategy, world):
     qr = q.clone().requires_grad_()
     out, lse = reference_attention(qr, k, v, cu, causal=True)
     (dq,) = torch.autograd.grad(out, (qr,), dout)
-    runs = rc.rank_runs(plan, q, k, v, dout, BACKENDS["reference"], 1 / math.sqrt(16), backward=True)
+    runs = rc.rank_runs(plan, q, k, v, dout, ReferenceBackend(), 1 / math.sqrt(16), backward=True)
     for r, run in enumerate(runs):
         got_out, got_lse, got_dq, _, _ = run()
         for name, got, want in (("out", got_out, shard(out, plan, r)), ("lse", got_lse, shard(lse.t(), plan, r).t()),
@@ -68,14 +68,20 @@ def test_dry_run_profile_and_filters(tmp_path):
     text = (tmp_path / "rc.profile.txt").read_text()
     assert text.count("synchronising calls: 0") == 3, text[:500]  # the whole batch and both ranks
     assert not _load().main(["--dry-run", "--mix", "2k docs", "--out", str(tmp_path / "none.json")])
+    rows = _load().main(["--dry-run", "--strategy", "zigzag", "--fwd-bwd-only", "--out", str(tmp_path / "z.json")])
+    assert [(x["strategy"], x["pass"]) for x in rows] == [("zigzag", "fwd+bwd")]
 
 
-def test_tile_kernels_dry_run_times_every_tile_of_a_two_rank_ring(tmp_path):
+def test_tile_kernels_dry_run_times_every_tile_and_pack(tmp_path):
+    """Every case runs on the reference kernel (no error rows), the ring tiles of each rank add up to half the whole
+    batch's pairs, and the local packs hold the pairs of their masks."""
     tk = _load("tile_kernels")
     rows = tk.main(["--dry-run", "--out", str(tmp_path / "tiles.json")])
-    assert len(rows) == 4 and all("error" not in x and x["fwd_s"] > 0 and x["bwd_s"] > 0 for x in rows), rows
-    pairs = [tk.tile(x["q_len"], x["k_len"], x["causal"]).pairs for x in rows]
+    assert len(rows) == 12 and all("error" not in x and x["fwd_s"] > 0 and x["bwd_s"] > 0 for x in rows), rows
+    pairs = [x["pairs"] for x in rows if x["group"] == "ring"]
     assert pairs[0] == 2 * (pairs[1] + pairs[2]) == 2 * (pairs[1] + pairs[3])  # each rank: half the whole batch
+    local = {x["case"]: x["pairs"] for x in rows if x["group"] == "local"}
+    assert local["one document"] == local["softcap 50"] == 128 * 129 // 2 > local["sliding window"]
     (share,) = json.loads((tmp_path / "tiles.json").read_text())["shares"]
     assert share["fwd"] > 0 and share["fwd+bwd"] > 0
     assert "kernel share" in (tmp_path / "tiles.md").read_text()

@@ -1,93 +1,94 @@
-"""``auto``: per-tile dispatch over the backends that support a request, fastest first.
+"""``auto``: each tile to the kernel measured fastest for its class, among the backends that support the request.
 
-Legend: as in ``base``. Each tile of a wave goes to the first backend (in ``BACKENDS`` order) that
-accepts it; the tiles of one backend form a sub-wave run in as few calls as that backend allows.
-Sub-waves have disjoint query rows, and rows a sub-wave does not compute are ``out = 0, lse = -inf``,
-so results combine by adding outputs and taking the maximum lse over each sub-wave's hull. Where the
-ring already holds accumulators, each sub-wave merges into them instead (``fwd_merge_``/``bwd_add_``).
+Legend: as in ``base``. A tile's class is its shape kind (*dense*: full, or square and plain causal; else a band)
+and its size in visible pairs. ``RULES`` give classes to kernels, from the per-tile measurements committed under
+``benchmarks/results/`` (``benchmarks/tile_kernels.py``); a tile no rule claims goes to the first backend, in
+preference order, that no rule names and that runs it. The tiles of one backend form a sub-wave run in as few calls
+as that backend allows; sub-waves have disjoint query rows, so their pieces simply follow each other.
 """
 
 from __future__ import annotations
 
-import torch
+import functools
+import sys
+from dataclasses import dataclass
 
-from ringpack.backends.base import Backend
-from ringpack.merge import accumulation_dtype
+from ringpack.backends.base import AttnSpec, Backend
 from ringpack.schedule import Tile, Wave
 
 
+@dataclass(frozen=True)
+class Rule:
+    """Tiles of one class go to ``backend`` (when it supports the request and runs the tile)."""
+
+    backend: str
+    dense: bool = False  # only full tiles and plain causal squares
+    min_pairs: int = 0
+    max_pairs: int = sys.maxsize
+
+    def claims(self, tile: Tile) -> bool:
+        return (not self.dense or tile.full or tile.causal_square) and self.min_pairs <= tile.pairs <= self.max_pairs
+
+
+# 1x H200, torch 2.11 (benchmarks/results/2026-12-01b-h200/tiles.md): cuDNN's dense kernel beats FA2 varlen from
+# about 2048 x 2048 pairs; below it the per-call cost outweighs it and FA2 runs many small tiles in one call.
+RULES = (Rule("cudnn", dense=True, min_pairs=2048 * 2048),)
+
+
 class AutoBackend(Backend):
-    """Runs each tile on the first of ``backends`` that ``accepts`` it (the last takes any)."""
+    """Runs each tile on the backend that ``rules`` give its class, else on the first general backend that runs it."""
 
     name = "auto"
 
-    def __init__(self, backends: list[Backend]):
+    def __init__(self, backends: list[Backend], rules: tuple[Rule, ...] = RULES):
         if not backends:
             raise ValueError("auto needs at least one backend")
-        # The first backend that takes every tile gets all the rest: those after it never run, and must not
-        # decide what auto promises (on a GPU: cudnn, torch_flash; flex and the reference stay unused).
-        last = next((i for i, b in enumerate(backends) if not b.selective), len(backends) - 1)
-        self.backends = backends[:last + 1]
-        # an assembled wave holds one sub-wave's gradient per row: still exact 16-bit values
-        self.grads_in_input_dtype = all(b.grads_in_input_dtype for b in self.backends)
+        named = {r.backend for r in rules}
+        self.rules = tuple(r for r in rules if any(b.name == r.backend for b in backends))
+        general = [b for b in backends if b.name not in named] or backends[-1:]
+        # Backends after the first general one that runs every tile never get a tile, and must not decide what auto
+        # promises (on a GPU: flex and the reference stay unused behind torch_flash).
+        last = next((i for i, b in enumerate(general) if b.RUNS_EVERY_TILE), len(general) - 1)
+        self.general = general[:last + 1]
+        self.backends = [b for b in backends if b.name in {r.backend for r in self.rules}] + self.general
+        self.EXACT_16BIT_GRADS = all(b.EXACT_16BIT_GRADS for b in self.backends)
 
-    def not_supported_reasons(self, spec):
+    def not_supported_reasons(self, spec: AttnSpec) -> list[str]:
         return [r for b in self.backends for r in b.not_supported_reasons(spec)]
 
-    def split(self, wave: Wave) -> list[tuple[Backend, Wave]]:
-        """``(backend, sub-wave)`` pairs covering ``wave``'s tiles, in backend order."""
-        chosen: dict[int, list[Tile]] = {}
-        for tile in wave.tiles:
-            idx = next((i for i, b in enumerate(self.backends[:-1]) if b.accepts(tile)), len(self.backends) - 1)
-            chosen.setdefault(idx, []).append(tile)
-        if len(chosen) == 1:
-            (idx,) = chosen
-            return [(self.backends[idx], wave)]
-        return [(self.backends[i], Wave.of(tuple(tiles))) for i, tiles in sorted(chosen.items())]
+    def backend_for(self, tile: Tile) -> Backend:
+        """The backend that runs ``tile``."""
+        for rule in self.rules:
+            if rule.claims(tile):
+                backend = next(b for b in self.backends if b.name == rule.backend)
+                if backend.runs_tile(tile):
+                    return backend
+        return next((b for b in self.general if b.runs_tile(tile)), self.general[-1])
 
-    def assembles(self, wave: Wave) -> bool:
-        parts = self.split(wave)
-        return len(parts) > 1 or parts[0][0].assembles(wave)
+    def split(self, wave: Wave) -> tuple[tuple[Backend, Wave], ...]:
+        """``(backend, sub-wave)`` pairs covering ``wave``'s tiles, in the order of ``backends``."""
+        return _split(self, wave)
 
-    def fwd_merge_(self, out_acc_NHD, lse_acc_HN, q_NHD, k_MKD, v_MKD, wave: Wave, *, scale, softcap):
+    def forward(self, q_NHD, k_MKD, v_MKD, wave: Wave, *, scale, softcap):
         for backend, sub in self.split(wave):
-            backend.fwd_merge_(out_acc_NHD, lse_acc_HN, q_NHD, k_MKD, v_MKD, sub, scale=scale, softcap=softcap)
+            yield from backend.forward(q_NHD, k_MKD, v_MKD, sub, scale=scale, softcap=softcap)
 
-    def bwd_add_(self, dq_acc_NHD, dk_acc_MKD, dv_acc_MKD, dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN,
-                 wave: Wave, *, scale, softcap):
+    def backward(self, dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN, wave: Wave, *, scale, softcap):
         for backend, sub in self.split(wave):
-            backend.bwd_add_(dq_acc_NHD, dk_acc_MKD, dv_acc_MKD, dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN,
-                             dlse_HN, sub, scale=scale, softcap=softcap)
+            yield from backend.backward(dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN, sub, scale=scale,
+                                        softcap=softcap)
 
-    def fwd(self, q_NHD, k_MKD, v_MKD, wave: Wave, *, scale, softcap):
-        parts = self.split(wave)
-        if len(parts) == 1:
-            return parts[0][0].fwd(q_NHD, k_MKD, v_MKD, wave, scale=scale, softcap=softcap)
-        q0, q1 = wave.q_span
-        out = q_NHD.new_zeros((q1 - q0, *q_NHD.shape[1:]))
-        lse = torch.full((q_NHD.shape[1], q1 - q0), float("-inf"), dtype=accumulation_dtype(q_NHD.dtype),
-                         device=q_NHD.device)
-        for backend, sub in parts:
-            o, l_ = backend.fwd(q_NHD, k_MKD, v_MKD, sub, scale=scale, softcap=softcap)
-            a, b = sub.q_span[0] - q0, sub.q_span[1] - q0
-            out[a:b] += o
-            torch.maximum(lse[:, a:b], l_.to(lse.dtype), out=lse[:, a:b])
-        return out, lse
+    def __repr__(self) -> str:
+        return f"AutoBackend({', '.join(b.name for b in self.backends)})"
 
-    def bwd(self, dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN, wave: Wave, *, scale, softcap):
-        parts = self.split(wave)
-        if len(parts) == 1:
-            return parts[0][0].bwd(dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN, wave, scale=scale,
-                                   softcap=softcap)
-        (q0, q1), (k0, k1) = wave.q_span, wave.k_span
-        acc = accumulation_dtype(q_NHD.dtype)
-        dq = torch.zeros((q1 - q0, *q_NHD.shape[1:]), dtype=acc, device=q_NHD.device)
-        dk = torch.zeros((k1 - k0, *k_MKD.shape[1:]), dtype=acc, device=q_NHD.device)
-        dv = torch.zeros_like(dk)
-        for backend, sub in parts:
-            g = backend.bwd(dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN, sub, scale=scale,
-                            softcap=softcap)
-            dq[sub.q_span[0] - q0:sub.q_span[1] - q0] += g[0]
-            dk[sub.k_span[0] - k0:sub.k_span[1] - k0] += g[1]
-            dv[sub.k_span[0] - k0:sub.k_span[1] - k0] += g[2]
-        return dq, dk, dv
+
+@functools.lru_cache(maxsize=4096)
+def _split(auto: AutoBackend, wave: Wave) -> tuple[tuple[Backend, Wave], ...]:
+    """Cached: a plan is reused by every layer, so each wave is split once."""
+    chosen: dict[int, list[Tile]] = {}
+    for tile in wave.tiles:
+        chosen.setdefault(auto.backends.index(auto.backend_for(tile)), []).append(tile)
+    if len(chosen) == 1:
+        (i,) = chosen
+        return ((auto.backends[i], wave),)
+    return tuple((auto.backends[i], Wave.of(tuple(tiles))) for i, tiles in sorted(chosen.items()))

@@ -1,23 +1,34 @@
-"""The one interface every local attention kernel implements.
+"""The contract every local attention kernel implements: what it supports, and two generators over one wave.
 
-Legend: ``q_NHD`` local queries ``[N, H, D]``; ``k_MHD``/``v_MHD`` keys and values of the source rank
-``[M, Hk, D]`` with ``H % Hk == 0`` (grouped-query heads are never repeated); ``lse_HN`` fp32/fp64.
+Legend: ``q_NHD`` local queries ``[N, H, D]``; ``k_MKD``/``v_MKD`` keys and values of the source rank ``[M, Hk, D]``
+with ``H % Hk == 0`` (grouped-query heads are never repeated); ``lse_HN`` fp32 (fp64 for fp64 inputs).
 
-A backend runs one :class:`~ringpack.plan.Wave` (tiles with disjoint query rows) and knows nothing
-of ranks. Results cover the wave's hull: rows ``q_span`` for ``out``/``lse``/``dq`` and rows
-``k_span`` for ``dk``/``dv``; rows inside a hull that no tile touches get ``out = 0, lse = -inf``
-and zero gradients.
+A backend **declares** what it runs, as class attributes the base class checks (device, dtypes, head dims, windows,
+softcap, the lse gradient), answers ``not_supported_reasons`` for anything else, and may turn single tiles down
+(``runs_tile``: cuDNN runs dense tiles only). It runs one :class:`~ringpack.schedule.Wave` (tiles with disjoint query
+rows) in as many kernel calls as it needs and **yields pieces**:
+
+- ``forward`` yields ``FwdPiece(rows, out, lse)``: ``out[rows]``, ``lse[:, rows]`` of this wave; rows of the slice
+  that the piece does not compute are ``out = 0, lse = -inf``.
+- ``backward`` yields ``BwdPiece(rows, keys, dq, dk, dv)``: ``dq`` over ``rows``; ``dk``/``dv`` over ``keys``, a slice
+  of key rows or ``Runs`` laid end to end (runs may overlap: each adds). Gradients are taken against the ring's final
+  ``out``/``lse`` (not this wave's partials), which makes every tile exact on its own; ``dlse`` is the gradient of
+  the returned lse, or None.
+
+Pieces are new tensors (or views of new tensors) that the accumulator may update in place. A backend knows one
+kernel and nothing of ranks: allocation, merging and adding belong to ``ringpack.accumulate``.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 import torch
 
-from ringpack.merge import merge_
-from ringpack.schedule import Tile, Wave
+from ringpack.schedule import Runs, Tile, Wave
 
 
 @dataclass(frozen=True)
@@ -35,81 +46,74 @@ class AttnSpec:
     lse_grad: bool  # the caller differentiates through the returned lse
 
 
-def cuda_reasons(spec: AttnSpec, dtypes: tuple[torch.dtype, ...]) -> list[str]:
-    """Why a CUDA-only kernel taking ``dtypes`` cannot run ``spec``'s device and dtype; empty when it can."""
-    why = []
-    if spec.device_type != "cuda":
-        why.append(f"device {spec.device_type!r} is not cuda")
-    elif not torch.cuda.is_available():
-        why.append("CUDA is not available")
-    if spec.dtype not in dtypes:
-        why.append(f"dtype {spec.dtype} is not {'/'.join(str(d).removeprefix('torch.') for d in dtypes)}")
-    return why
+class FwdPiece(NamedTuple):
+    rows: slice  # query rows of the local shard
+    out: torch.Tensor  # [rows, H, D], input dtype
+    lse: torch.Tensor  # [H, rows], fp32 (fp64 for fp64)
+
+
+class BwdPiece(NamedTuple):
+    rows: slice  # query rows of dq
+    keys: slice | Runs  # key rows of dk/dv in the source's buffer
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+
+
+def _names(dtypes: tuple[torch.dtype, ...]) -> str:
+    return "/".join(str(d).removeprefix("torch.") for d in dtypes)
 
 
 class Backend(abc.ABC):
-    """A local attention kernel: forward with LSE, backward against the final (global) out and lse."""
+    """A local attention kernel: forward pieces with the lse, backward pieces against the final out and lse."""
 
-    name: str = ""
-    # bwd returns 16-bit gradients for 16-bit inputs (cuDNN, FlashAttention): each partial dq is then an
-    # exact 16-bit value, and the ring may sum two of them in the input dtype (see ring.ROUND_ONCE_DEPTH)
-    grads_in_input_dtype: bool = False
-    # ``accepts`` turns some tiles away (auto looks further down its list); False: it takes every tile it can run
-    selective: bool = False
+    name: ClassVar[str] = ""
+    DEVICES: ClassVar[tuple[str, ...]] = ("cuda",)
+    DTYPES: ClassVar[tuple[torch.dtype, ...]] = (torch.float16, torch.bfloat16)
+    HEAD_DIMS: ClassVar[tuple[int, int, int]] = (8, 256, 8)  # smallest, largest, multiple of
+    SUPPORTS_WINDOW: ClassVar[bool] = True
+    SUPPORTS_SOFTCAP: ClassVar[bool] = False
+    SUPPORTS_LSE_GRAD: ClassVar[bool] = True
+    # Backward pieces of 16-bit inputs are exact 16-bit values (the kernel rounds once from its fp32
+    # accumulators), so the ring may sum two of them in the input dtype (``accumulate.ROUND_ONCE_DEPTH``).
+    EXACT_16BIT_GRADS: ClassVar[bool] = False
+    RUNS_EVERY_TILE: ClassVar[bool] = True  # False: ``runs_tile`` turns some tiles down
 
-    @abc.abstractmethod
     def not_supported_reasons(self, spec: AttnSpec) -> list[str]:
-        """Why this backend cannot run ``spec``; empty when it can."""
+        """Why this backend cannot run ``spec`` (empty when it can): the declared capabilities, checked here;
+        a subclass adds what no attribute expresses and calls this first."""
+        why = []
+        if spec.device_type not in self.DEVICES:
+            why.append(f"device {spec.device_type!r} is not {'/'.join(self.DEVICES)}")
+        elif spec.device_type == "cuda" and not torch.cuda.is_available():
+            why.append("CUDA is not available")
+        if spec.dtype not in self.DTYPES:
+            why.append(f"dtype {spec.dtype} is not {_names(self.DTYPES)}")
+        low, high, multiple = self.HEAD_DIMS
+        if not (low <= spec.head_dim <= high and spec.head_dim % multiple == 0):
+            why.append(f"head_dim {spec.head_dim} is not a multiple of {multiple} in [{low}, {high}]")
+        if spec.window and not self.SUPPORTS_WINDOW:
+            why.append(f"{self.name} runs no sliding windows")
+        if spec.softcap and not self.SUPPORTS_SOFTCAP:
+            why.append(f"{self.name} has no softcap")
+        if spec.lse_grad and not self.SUPPORTS_LSE_GRAD:
+            why.append(f"{self.name} has no gradient of the lse")
+        return why
 
-    def accepts(self, tile: Tile) -> bool:
-        """Whether ``auto`` should give ``tile`` to this backend: it can run it and is worth a call for it.
-
-        A backend that overrides this sets ``selective``."""
+    def runs_tile(self, tile: Tile) -> bool:
+        """Whether this backend can run ``tile`` (a backend with ``RUNS_EVERY_TILE = False`` overrides it)."""
         return True
 
     @abc.abstractmethod
-    def fwd(self, q_NHD: torch.Tensor, k_MHD: torch.Tensor, v_MHD: torch.Tensor, wave: Wave, *,
-            scale: float, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(out[q_span], lse[:, q_span])``; ``out`` in the input dtype, ``lse`` in fp32 (fp64 for fp64).
-
-        Results are new tensors (or views of new tensors) that the caller may update in place."""
+    def forward(self, q_NHD: torch.Tensor, k_MKD: torch.Tensor, v_MKD: torch.Tensor, wave: Wave, *,
+                scale: float, softcap: float) -> Iterator[FwdPiece]:
+        """The wave's ``(rows, out, lse)`` pieces: ``out`` in the input dtype, ``lse`` fp32 (fp64 for fp64)."""
 
     @abc.abstractmethod
-    def bwd(self, dout_NHD: torch.Tensor, q_NHD: torch.Tensor, k_MHD: torch.Tensor, v_MHD: torch.Tensor,
-            out_NHD: torch.Tensor, lse_HN: torch.Tensor, dlse_HN: torch.Tensor | None, wave: Wave, *,
-            scale: float, softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return ``(dq[q_span], dk[k_span], dv[k_span])`` in the input or the accumulation dtype.
-
-        The ring accumulates them in fp32 (fp64 for fp64 inputs); 16-bit kernels may return 16-bit.
-        Like ``fwd``'s, the results are new tensors the caller may update in place.
-
-        ``out_NHD`` and ``lse_HN`` are the final results of the whole ring, not this wave's partials:
-        that makes every tile's gradient exact on its own.
-        """
-
-    # Where the caller already holds accumulators, a backend whose results come in several pieces
-    # (``assembles``) merges or adds each piece into them directly instead of first assembling
-    # hull-sized results in new buffers: fewer kernels and fewer passes over memory.
-
-    def assembles(self, wave: Wave) -> bool:
-        """Whether ``fwd``/``bwd`` on ``wave`` would assemble several pieces into new buffers."""
-        return False
-
-    def fwd_merge_(self, out_acc_NHD: torch.Tensor, lse_acc_HN: torch.Tensor, q_NHD: torch.Tensor,
-                   k_MHD: torch.Tensor, v_MHD: torch.Tensor, wave: Wave, *, scale: float, softcap: float) -> None:
-        """Merge ``wave``'s partial results into the accumulators ``[N, H, D]``/``[H, N]`` in place."""
-        out, lse = self.fwd(q_NHD, k_MHD, v_MHD, wave, scale=scale, softcap=softcap)
-        a, b = wave.q_span
-        merge_(out_acc_NHD[a:b], lse_acc_HN[:, a:b], out, lse)
-
-    def bwd_add_(self, dq_acc_NHD: torch.Tensor, dk_acc_MHD: torch.Tensor, dv_acc_MHD: torch.Tensor,
-                 dout_NHD: torch.Tensor, q_NHD: torch.Tensor, k_MHD: torch.Tensor, v_MHD: torch.Tensor,
+    def backward(self, dout_NHD: torch.Tensor, q_NHD: torch.Tensor, k_MKD: torch.Tensor, v_MKD: torch.Tensor,
                  out_NHD: torch.Tensor, lse_HN: torch.Tensor, dlse_HN: torch.Tensor | None, wave: Wave, *,
-                 scale: float, softcap: float) -> None:
-        """Add ``wave``'s gradients into the accumulators (all rows of the queries and of the source's keys)."""
-        dq, dk, dv = self.bwd(dout_NHD, q_NHD, k_MHD, v_MHD, out_NHD, lse_HN, dlse_HN, wave, scale=scale,
-                              softcap=softcap)
-        (q0, q1), (k0, k1) = wave.q_span, wave.k_span
-        dq_acc_NHD[q0:q1] += dq
-        dk_acc_MHD[k0:k1] += dk
-        dv_acc_MHD[k0:k1] += dv
+                 scale: float, softcap: float) -> Iterator[BwdPiece]:
+        """The wave's ``(rows, keys, dq, dk, dv)`` pieces, in the input dtype or fp32/fp64."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

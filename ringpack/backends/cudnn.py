@@ -2,7 +2,7 @@
 of equal tiles.
 
 Legend: ``x_BHSD`` the ``[B, H, S, D]`` view of ``B`` consecutive ``[S, H, D]`` slices (no copy);
-``lse_BHS1`` fp32.
+``lse_BHS1`` fp32. One piece per batch of equal tiles.
 cuDNN's causal mask is top-left aligned, so it runs only *dense* tiles: full tiles, and square tiles
 whose band is plain causal (where top-left and bottom-right agree)::
 
@@ -23,14 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ringpack.backends.base import AttnSpec, Backend
-from ringpack.backends.torch_flash import common_reasons, lse_adjusted_out
-from ringpack.merge import accumulation_dtype, merge_
+from ringpack.backends.base import AttnSpec, Backend, BwdPiece, FwdPiece
+from ringpack.backends.common import lse_adjusted_out
 from ringpack.schedule import Tile, Wave
-
-# auto gives cudnn dense tiles of at least this many (query, key) pairs: below it the per-call
-# cost outweighs cuDNN's faster kernel, and torch_flash runs many small tiles in one call.
-MIN_TILE_PAIRS = 2048 * 2048
 
 
 @dataclass(frozen=True)
@@ -61,23 +56,22 @@ class Batch:
 
 @functools.lru_cache(maxsize=4096)
 def batches(wave: Wave) -> tuple[Batch, ...]:
-    """``wave``'s trimmed tiles, consecutive equal ones batched; ValueError for a tile cuDNN cannot run.
+    """``wave``'s tiles, consecutive equal ones batched; ValueError for a tile cuDNN cannot run.
 
     Cached: a plan is reused by every layer, so each wave is laid out once (host tuples only)."""
     out: list[Batch] = []
     for t in wave.tiles:
-        kt = t
-        if not (kt.full or kt.causal_square):
+        if not (t.full or t.causal_square):
             raise ValueError(f"cudnn: tile {t} is neither full nor square causal; use torch_flash or flex")
-        if kt.q_len == kt.k_len == 1:
+        if t.q_len == t.k_len == 1:
             raise ValueError(f"cudnn: tile {t} is 1 query x 1 key, which cuDNN's backward rejects "
                              "(s_q = s_kv = 1 is not supported); use auto or torch_flash")
         b = out[-1] if out else None
-        if (b is not None and (b.q_len, b.k_len, b.causal) == (kt.q_len, kt.k_len, kt.causal_square)
-                and b.rows.stop == kt.q_start and b.keys.stop == kt.k_start):
+        if (b is not None and (b.q_len, b.k_len, b.causal) == (t.q_len, t.k_len, t.causal_square)
+                and b.rows.stop == t.q_start and b.keys.stop == t.k_start):
             out[-1] = dataclasses.replace(b, count=b.count + 1)
         else:
-            out.append(Batch(kt.q_start, kt.q_len, kt.k_start, kt.k_len, kt.causal_square, 1))
+            out.append(Batch(t.q_start, t.q_len, t.k_start, t.k_len, t.causal_square, 1))
     return tuple(out)
 
 
@@ -118,56 +112,36 @@ def _unused_seed(device: torch.device) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64, device=device)
 
 
-def _partition(start: int, stop: int, parts: list[slice]) -> bool:
-    """Whether the row ranges ``parts``, in order, cover ``[start, stop)`` exactly."""
-    at = start
-    for part in parts:
-        if part.start != at:
-            return False
-        at = part.stop
-    return at == stop
-
-
 class CudnnBackend(Backend):
     name = "cudnn"
-    grads_in_input_dtype = True
-    selective = True  # dense tiles of at least min_tile_pairs pairs only
-    min_tile_pairs = MIN_TILE_PAIRS
+    SUPPORTS_WINDOW = False
+    EXACT_16BIT_GRADS = True
+    RUNS_EVERY_TILE = False
 
-    def __init__(self) -> None:
-        # The two aten ops, held here so that a test can put a float64 emulation in their place.
-        self.fwd_op = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
-        self.bwd_op = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention_backward", None)
+    def __init__(self, fwd_op=None, bwd_op=None) -> None:
+        # The two aten ops; a test passes float64 emulations of their contracts instead.
+        self.fwd_op = fwd_op or getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
+        self.bwd_op = bwd_op or getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention_backward", None)
 
     def not_supported_reasons(self, spec: AttnSpec) -> list[str]:
-        why = common_reasons(spec, self.name)
-        if spec.window:
-            why.append("cudnn runs dense tiles only (full or causal), not sliding windows")
+        why = super().not_supported_reasons(spec)
         if self.fwd_op is None or self.bwd_op is None:
             why.append("this torch has no aten::_scaled_dot_product_cudnn_attention(_backward)")
         elif spec.device_type == "cuda" and torch.cuda.is_available() and not torch.backends.cudnn.is_available():
             why.append("cuDNN is not available")
         return why
 
-    def accepts(self, tile: Tile) -> bool:
-        """Dense tiles big enough that one call per tile beats batching them into a varlen call."""
-        if tile.q_len * tile.k_len < max(self.min_tile_pairs, 2):  # never 1 x 1: cuDNN rejects it
-            return False
-        return tile.full or tile.causal_square
+    def runs_tile(self, tile: Tile) -> bool:
+        """Dense tiles: full, or square and plain causal; never 1 x 1 (cuDNN's backward rejects it)."""
+        return (tile.full or tile.causal_square) and tile.q_len * tile.k_len > 1
 
-    def assembles(self, wave: Wave) -> bool:
-        bs = batches(wave)
-        return not (_partition(*wave.q_span, [b.rows for b in bs]) and _partition(*wave.k_span, [b.keys for b in bs]))
-
-    def _fwd_pieces(self, q_NHD, k_MKD, v_MKD, wave: Wave, scale: float):
-        """``(rows, out, lse)`` of each batch of ``wave``."""
+    def forward(self, q_NHD, k_MKD, v_MKD, wave: Wave, *, scale, softcap):
         for b in batches(wave):
             o, lse = self.fwd_op(_as_BHSD(q_NHD[b.rows], b.count), _as_BHSD(k_MKD[b.keys], b.count),
                                  _as_BHSD(v_MKD[b.keys], b.count), None, True, 0.0, b.causal, False, scale=scale)[:2]
-            yield b.rows, _as_NHD(o), _lse_HN(lse)
+            yield FwdPiece(b.rows, _as_NHD(o), _lse_HN(lse))
 
-    def _bwd_pieces(self, dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN, wave: Wave, scale: float):
-        """``(rows, keys, dq, dk, dv)`` of each batch of ``wave``."""
+    def backward(self, dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN, wave: Wave, *, scale, softcap):
         seed = _unused_seed(q_NHD.device)
         for b in batches(wave):
             rows, keys, n = b.rows, b.keys, b.count
@@ -179,50 +153,4 @@ class CudnnBackend(Backend):
             dq, dk, dv = self.bwd_op(
                 _as_BHSD(dout, n), _as_BHSD(q_NHD[rows], n), _as_BHSD(k_MKD[keys], n), _as_BHSD(v_MKD[keys], n),
                 _as_BHSD(out, n), lse, seed, seed, None, None, None, b.q_len, b.k_len, 0.0, b.causal, scale=scale)
-            yield rows, keys, _as_NHD(dq), _as_NHD(dk), _as_NHD(dv)
-
-    def fwd_merge_(self, out_acc_NHD, lse_acc_HN, q_NHD, k_MKD, v_MKD, wave: Wave, *, scale, softcap):
-        for rows, o, l_ in self._fwd_pieces(q_NHD, k_MKD, v_MKD, wave, scale):
-            merge_(out_acc_NHD[rows], lse_acc_HN[:, rows], o, l_)
-
-    def bwd_add_(self, dq_acc_NHD, dk_acc_MKD, dv_acc_MKD, dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN,
-                 wave: Wave, *, scale, softcap):
-        for rows, keys, dq, dk, dv in self._bwd_pieces(dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN,
-                                                         wave, scale):
-            dq_acc_NHD[rows] += dq
-            dk_acc_MKD[keys] += dk
-            dv_acc_MKD[keys] += dv
-
-    def fwd(self, q_NHD, k_MKD, v_MKD, wave: Wave, *, scale, softcap):
-        (q0, q1) = wave.q_span
-        results = list(self._fwd_pieces(q_NHD, k_MKD, v_MKD, wave, scale))
-        if _partition(q0, q1, [rows for rows, _, _ in results]):
-            # the batches cover the query hull in order (documents on the diagonal): no assembly
-            if len(results) == 1:
-                return results[0][1], results[0][2]
-            return torch.cat([o for _, o, _ in results]), torch.cat([l_ for _, _, l_ in results], dim=1)
-        out = q_NHD.new_zeros((q1 - q0, *q_NHD.shape[1:]))
-        lse = torch.full((q_NHD.shape[1], q1 - q0), float("-inf"), dtype=accumulation_dtype(q_NHD.dtype),
-                         device=q_NHD.device)
-        for rows, o, l_ in results:
-            out[rows.start - q0:rows.stop - q0] = o
-            lse[:, rows.start - q0:rows.stop - q0] = l_
-        return out, lse
-
-    def bwd(self, dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN, wave: Wave, *, scale, softcap):
-        (q0, q1), (k0, k1) = wave.q_span, wave.k_span
-        grads = list(self._bwd_pieces(dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN, wave, scale))
-        if _partition(q0, q1, [g[0] for g in grads]) and _partition(k0, k1, [g[1] for g in grads]):
-            # rows and keys both covered in order by disjoint batches: gradients line up, nothing to add
-            if len(grads) == 1:
-                return grads[0][2:]
-            return tuple(torch.cat([g[i] for g in grads]) for i in (2, 3, 4))
-        acc = accumulation_dtype(q_NHD.dtype)
-        dq_acc = torch.zeros((q1 - q0, *q_NHD.shape[1:]), dtype=acc, device=q_NHD.device)
-        dk_acc = torch.zeros((k1 - k0, *k_MKD.shape[1:]), dtype=acc, device=q_NHD.device)
-        dv_acc = torch.zeros_like(dk_acc)
-        for rows, keys, dq, dk, dv in grads:
-            dq_acc[rows.start - q0:rows.stop - q0] += dq
-            dk_acc[keys.start - k0:keys.stop - k0] += dk
-            dv_acc[keys.start - k0:keys.stop - k0] += dv
-        return dq_acc, dk_acc, dv_acc
+            yield BwdPiece(rows, keys, _as_NHD(dq), _as_NHD(dk), _as_NHD(dv))

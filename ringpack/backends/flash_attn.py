@@ -7,21 +7,22 @@ is declined with the two schemas side by side instead of being called with shift
 private function of the package is imported or called.
 
 These are the kernels ``torch_flash`` reaches through aten (same layout, bottom-right windows, lse +inf for rows
-that see no key, the same host-side window normalisation), so everything but the two calls is inherited. What
-the package adds is ``softcap`` (Gemma-2's tanh capping), forward and backward.
+that see no key, the same host-side window rewriting), so the wave geometry is shared (``VarlenFA2``). What the
+package adds is ``softcap`` (Gemma-2's tanh capping), forward and backward.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 from collections.abc import Callable
 
 import torch
 
-from ringpack.backends import layout
 from ringpack.backends.base import AttnSpec
-from ringpack.backends.torch_flash import TorchFlashBackend, common_reasons, cu_seqlens_on
+from ringpack.backends.torch_flash import VarlenFA2
+from ringpack.backends.varlen import VarlenGroup, cu_seqlens_on
 
 SUPPORTED = ">=2.7,<2.9"  # the releases whose op schemas are below; setup.py's ``flash`` extra pins the same
 FWD_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "dropout_p",
@@ -32,7 +33,8 @@ BWD_ARGS = ("dout", "q", "k", "v", "out", "softmax_lse", "dq", "dk", "dv", "cu_s
             "window_size_right", "softcap", "alibi_slopes", "deterministic", "rng_state")
 
 
-def _release(version: str) -> tuple[int, int]:
+def release(version: str) -> tuple[int, int]:
+    """``(major, minor)`` of a version string; ``(0, 0)`` when it does not start with two numbers."""
     parts = version.split(".")
     try:
         return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
@@ -49,14 +51,14 @@ def _schema_problem(op, expected: tuple[str, ...]) -> str | None:
     return None
 
 
-def load_ops() -> tuple[Callable | None, Callable | None, str | None]:
+def find_ops() -> tuple[Callable | None, Callable | None, str | None]:
     """``(fwd_op, bwd_op, None)`` when an installed flash-attn in the supported range registered both ops with
     the expected schemas; otherwise ``(None, None, why)``."""
     try:
         version = importlib.metadata.version("flash-attn")
     except importlib.metadata.PackageNotFoundError:
         return None, None, "flash-attn is not installed (pip install 'ringpack[flash]')"
-    if not (2, 7) <= _release(version) < (2, 9):
+    if not (2, 7) <= release(version) < (2, 9):
         return None, None, f"flash-attn {version} is installed; this backend supports flash-attn {SUPPORTED}"
     try:
         importlib.import_module("flash_attn.flash_attn_interface")  # registers the ops
@@ -73,41 +75,38 @@ def load_ops() -> tuple[Callable | None, Callable | None, str | None]:
     return fwd_op, bwd_op, None
 
 
-class FlashAttnBackend(TorchFlashBackend):
+load_ops = functools.cache(find_ops)  # looked up once per process: importing flash-attn is slow
+
+
+class FlashAttnBackend(VarlenFA2):
     name = "flash_attn"
+    SUPPORTS_SOFTCAP = True
 
-    def __init__(self) -> None:  # the ops are looked up on first use: importing flash-attn is slow
-        self.fwd_op = self.bwd_op = None
-        self.problem: str | None = None
-        self._loaded = False
+    def __init__(self, fwd_op: Callable | None = None, bwd_op: Callable | None = None) -> None:
+        # The registered ops are looked up on first use; a test passes float64 emulations of them instead.
+        self.ops = (fwd_op, bwd_op) if fwd_op is not None else None
 
-    def _load(self) -> None:
-        if not self._loaded:
-            self.fwd_op, self.bwd_op, self.problem = load_ops()
-            self._loaded = True
-
-    def use_ops(self, fwd_op: Callable, bwd_op: Callable) -> None:
-        """Run through ``fwd_op``/``bwd_op`` (same signatures as the registered ops) instead of the package's."""
-        self.fwd_op, self.bwd_op, self.problem, self._loaded = fwd_op, bwd_op, None, True
+    def _ops(self) -> tuple[Callable | None, Callable | None, str | None]:
+        return (*self.ops, None) if self.ops is not None else load_ops()
 
     def not_supported_reasons(self, spec: AttnSpec) -> list[str]:
-        why = common_reasons(spec, self.name, softcap=True)
+        why = super().not_supported_reasons(spec)
         if spec.device_type == "cuda":  # on other devices the package is not looked up at all
-            self._load()
-            if self.problem:
-                why.append(self.problem)
+            problem = self._ops()[2]
+            if problem:
+                why.append(problem)
         return why
 
-    def varlen_fwd(self, q, k, v, g: layout.VarlenGroup, scale: float, softcap: float):
-        cu_q, cu_k = cu_seqlens_on(g, q.device)
-        out, lse, _, _ = self.fwd_op(q, k, v, cu_q, cu_k, g.max_q, g.max_k, 0.0, scale, g.causal, g.left, g.right,
-                                     softcap, None, False, None, None, None)
+    def call_fwd(self, q, k, v, g: VarlenGroup, scale: float, softcap: float):
+        left, right, max_k = g.fa2_window()
+        out, lse, _, _ = self._ops()[0](q, k, v, *cu_seqlens_on(g, q.device), g.max_q, max_k, 0.0, scale,
+                                        (left, right) == (-1, 0), left, right, softcap, None, False, None, None, None)
         return out, lse
 
-    def varlen_bwd(self, dout, q, k, v, out, lse, g: layout.VarlenGroup, scale: float, softcap: float):
-        cu_q, cu_k = cu_seqlens_on(g, q.device)
+    def call_bwd(self, dout, q, k, v, out, lse, g: VarlenGroup, scale: float, softcap: float):
+        left, right, max_k = g.fa2_window()
         # The op writes into dq/dk/dv; zeroed, so keys of query-less sequences need no help from the kernel.
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        self.bwd_op(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, g.max_q, g.max_k, 0.0, scale, g.causal, g.left,
-                    g.right, softcap, None, False, None)
+        self._ops()[1](dout, q, k, v, out, lse, dq, dk, dv, *cu_seqlens_on(g, q.device), g.max_q, max_k, 0.0, scale,
+                       (left, right) == (-1, 0), left, right, softcap, None, False, None)
         return dq, dk, dv

@@ -13,26 +13,36 @@ interval of keys per row, so the whole mask is ``L[q] <= kv <= R[q]``::
 
 Blocks of 128 x 128 are classified on the device from ``L``/``R`` (no host sync): a block is skipped
 when no row can reach it, *full* (no mask call) when every row covers it, else masked element-wise.
-Exact for any offsets and windows (softcap is declined: see ``not_supported_reasons``).
-The backward recomputes the wave's partial result with
-autograd and feeds it the cotangents that the global ``(out, lse)`` induce on the partial
-``(out_w, lse_w)``: ``dout_w = c * dout`` and ``dlse_w = c * (dlse + rowsum(dout * (out_w - out)))``
-with ``c = exp(lse_w - lse)``.
+Exact for any offsets and windows (softcap is declined: see ``not_supported_reasons``). One piece per wave.
+The backward recomputes the wave's partial result with autograd and feeds it the cotangents that the global
+``(out, lse)`` induce on the partial ``(out_w, lse_w)``: ``dout_w = c * dout`` and
+``dlse_w = c * (dlse + rowsum(dout * (out_w - out)))`` with ``c = exp(lse_w - lse)``.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import threading
 
 import torch
 
-from ringpack.backends.base import AttnSpec, Backend, cuda_reasons
-from ringpack.backends.torch_flash import MAX_HEAD_DIM, staged
+from ringpack.backends.base import AttnSpec, Backend, BwdPiece, FwdPiece
+from ringpack.backends.common import staged
 from ringpack.schedule import Wave
 
 BLOCK = 128
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Dynamo's tracing is not thread-safe: ranks run as threads of one process (the one-GPU test harness) tracing at
+# once raised "using FX to symbolically trace a dynamo-optimized function" on an H200. Calls only issue kernels, so
+# holding the lock around them costs no device time.
+_LOCK = threading.Lock()
+
+
+@functools.cache
+def compiled_flex():
+    """FlexAttention compiled once per process (dynamic shapes: a new packing does not recompile)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=True)
 
 
 def row_bounds(wave: Wave) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,26 +88,25 @@ def _as_1HSD(x_SHD: torch.Tensor) -> torch.Tensor:
     return x_SHD.unsqueeze(0).transpose(1, 2)
 
 
+def _lse_request() -> dict:
+    """The keyword that asks flex for the lse: ``return_aux`` where torch has it (``return_lse`` is deprecated)."""
+    from torch.nn.attention import flex_attention as fa
+    return {"return_aux": fa.AuxRequest(lse=True)} if hasattr(fa, "AuxRequest") else {"return_lse": True}
+
+
 class FlexBackend(Backend):
     name = "flex"
+    DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+    HEAD_DIMS = (16, 256, 16)
 
-    def __init__(self) -> None:
-        self._compiled = None
-        # Dynamo's tracing is not thread-safe: ranks run as threads of one process (the one-GPU test harness)
-        # tracing at once raised "using FX to symbolically trace a dynamo-optimized function" on an H200.
-        # Calls only issue kernels, so holding the lock around them costs no device time.
-        self._lock = threading.Lock()
-
-    def _flex(self):
-        if self._compiled is None:
-            from torch.nn.attention.flex_attention import flex_attention
-            self._compiled = torch.compile(flex_attention, dynamic=True)
-        return self._compiled
+    def __init__(self, flex=None) -> None:
+        # The (compiled) flex_attention to call; a test passes the eager one, which needs no compiler.
+        self.flex = flex
 
     def not_supported_reasons(self, spec: AttnSpec) -> list[str]:
-        why = cuda_reasons(spec, DTYPES)  # flex compiles Triton kernels
-        if spec.head_dim > MAX_HEAD_DIM or spec.head_dim < 16 or spec.head_dim & (spec.head_dim - 1):
-            why.append(f"head_dim {spec.head_dim} is not a power of two in [16, {MAX_HEAD_DIM}]")
+        why = super().not_supported_reasons(spec)  # flex compiles Triton kernels: CUDA only
+        if spec.head_dim & (spec.head_dim - 1):
+            why.append(f"head_dim {spec.head_dim} is not a power of two")
         if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
             why.append("this torch has no torch.nn.attention.flex_attention")
         if spec.softcap:
@@ -117,31 +126,28 @@ class FlexBackend(Backend):
         tables = block_tables(lo_S, hi_S, k1 - k0)
         return BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(q1 - q0, k1 - k0))
 
-    def _run(self, q_SHD, k_SKD, v_SKD, wave: Wave, scale: float, softcap: float):
+    def _run(self, q_SHD, k_SKD, v_SKD, wave: Wave, scale: float):
         """Flex over the wave's hulls: ``q_SHD`` = rows ``q_span`` of the queries, ``k/v_SKD`` = rows ``k_span``."""
-        score_mod = None
-        if softcap > 0:
-            def score_mod(score, b, h, q_idx, kv_idx):
-                return softcap * torch.tanh(score / softcap)
         block_mask = self._block_mask(wave, q_SHD.device)
-        with self._lock:
-            out, lse = self._flex()(_as_1HSD(q_SHD), _as_1HSD(k_SKD), _as_1HSD(v_SKD), score_mod=score_mod,
-                                    block_mask=block_mask, scale=scale, enable_gqa=q_SHD.shape[1] != k_SKD.shape[1],
-                                    return_lse=True)
+        with _LOCK:
+            out, aux = (self.flex or compiled_flex())(
+                _as_1HSD(q_SHD), _as_1HSD(k_SKD), _as_1HSD(v_SKD), block_mask=block_mask, scale=scale,
+                enable_gqa=q_SHD.shape[1] != k_SKD.shape[1], **_lse_request())
+        lse = aux.lse if hasattr(aux, "lse") else aux
         return out[0].transpose(0, 1), lse[0]
 
-    def fwd(self, q_NHD, k_MKD, v_MKD, wave: Wave, *, scale, softcap):
+    def forward(self, q_NHD, k_MKD, v_MKD, wave: Wave, *, scale, softcap):
         (q0, q1), (k0, k1) = wave.q_span, wave.k_span
-        out, lse = self._run(q_NHD[q0:q1], k_MKD[k0:k1], v_MKD[k0:k1], wave, scale, softcap)
-        return out, lse.float()
+        out, lse = self._run(q_NHD[q0:q1], k_MKD[k0:k1], v_MKD[k0:k1], wave, scale)
+        yield FwdPiece(slice(q0, q1), out, lse.float())
 
-    def bwd(self, dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN, wave: Wave, *, scale, softcap):
+    def backward(self, dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN, wave: Wave, *, scale, softcap):
         (q0, q1), (k0, k1) = wave.q_span, wave.k_span
         with torch.enable_grad():
             q = q_NHD[q0:q1].detach().requires_grad_()
             k = k_MKD[k0:k1].detach().requires_grad_()
             v = v_MKD[k0:k1].detach().requires_grad_()
-            out_w, lse_w = self._run(q, k, v, wave, scale, softcap)
+            out_w, lse_w = self._run(q, k, v, wave, scale)
             lse_g = lse_HN[:, q0:q1].float()
             finite = torch.isfinite(lse_w.float()) & torch.isfinite(lse_g)
             c_HS = torch.where(finite, torch.exp(lse_w.float() - torch.where(finite, lse_g, 0)), 0)
@@ -152,5 +158,4 @@ class FlexBackend(Backend):
                 dlse_w = dlse_w + dlse_HN[:, q0:q1].float()
             dq, dk, dv = torch.autograd.grad((out_w, lse_w), (q, k, v),
                                              ((c_SH1 * dout).to(out_w.dtype), (c_HS * dlse_w).to(lse_w.dtype)))
-        return dq, dk, dv
-
+        yield BwdPiece(slice(q0, q1), slice(k0, k1), dq, dk, dv)

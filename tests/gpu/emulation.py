@@ -16,8 +16,10 @@ import threading
 
 import torch
 
+from ringpack.checking import reference_attention
 from ringpack.merge import accumulation_dtype, merge_
-from ringpack.plan import Plan
+from ringpack.packing import lengths_to_cu_seqlens
+from ringpack.plan import Plan, make_plan
 from ringpack.sharding import shard, unshard
 
 
@@ -30,22 +32,24 @@ def _capped(s, softcap):
     return s if softcap == 0 else softcap * torch.tanh(s / softcap)
 
 
-def _fwd_core(q, k, v, visible_ab, scale, softcap=0.0):
+def _fwd_core(q, k, v, visible_ab, scale, softcap=0.0, empty_lse=float("inf")):
     s = _capped(_scores(q, k, scale), softcap).masked_fill(~visible_ab, float("-inf"))
     lse = torch.logsumexp(s, -1)
     empty = torch.isinf(lse)
     p = torch.exp(s - torch.where(empty, 0, lse)[..., None])
     out = torch.einsum("hab,bhd->ahd", p, v.repeat_interleave(q.shape[1] // k.shape[1], 1))
-    return out, torch.where(empty, float("inf"), lse)
+    return out, torch.where(empty, empty_lse, lse)
 
 
-def _bwd_core(dout, q, k, v, out, lse, visible_ab, scale, softcap=0.0):
+def _bwd_core(dout, q, k, v, out, lse, visible_ab, scale, softcap=0.0, dlse=None):
     group = q.shape[1] // k.shape[1]
     kx, vx = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     raw = _scores(q, k, scale)
     s = _capped(raw, softcap).masked_fill(~visible_ab, float("-inf"))
     p = torch.exp(s - lse[..., None])
     delta = (dout * out).sum(-1).t()  # [H, a]: the kernel's only use of out
+    if dlse is not None:
+        delta = delta - dlse
     ds = p * (torch.einsum("ahd,bhd->hab", dout, vx) - delta[..., None]) * scale
     if softcap:
         ds = ds * (1 - torch.tanh(raw / softcap) ** 2)
@@ -143,6 +147,62 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_q, cu_
     return (dout * out).sum(-1).t()
 
 
+def _fa4_mask(a: int, b: int, left, right):
+    """FlashAttention-4's mask of one sequence: bottom-right aligned, ``None`` for an unbounded side."""
+    d = torch.arange(b)[None, :] - torch.arange(a)[:, None]
+    mask = torch.ones(a, b, dtype=torch.bool)
+    if left is not None:
+        mask &= d >= (b - a) - left
+    if right is not None:
+        mask &= d <= (b - a) + right
+    return mask
+
+
+def _fa4_checks(q, cu_q, cu_k, max_q, max_k, causal, left, right):
+    assert cu_q.dtype == cu_k.dtype == torch.int32 and q.is_contiguous()
+    assert left is None or left >= 0, f"window_size_left {left}: FA4 reads any int as a bound (None is unbounded)"
+    assert right is None or right >= 0, f"window_size_right {right}: FA4 reads any int as a bound"
+    return (left, 0) if causal else (left, right)
+
+
+def fa4_fwd(q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
+            max_seqlen_q=None, max_seqlen_k=None, min_seqlen_k=None, page_table=None, softmax_scale=None,
+            causal=False, softcap=None, window_size_left=None, window_size_right=None, learnable_sink=None,
+            return_lse=False, **rest):
+    """``flash_attn.cute.interface._flash_attn_fwd`` (flash-attn-4 4.0.0b36), varlen: five results, lse -inf for
+    rows that see no key."""
+    assert qv is None and seqused_q is None and seqused_k is None and page_table is None and learnable_sink is None
+    left, right = _fa4_checks(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window_size_left,
+                              window_size_right)
+    out = torch.zeros_like(q)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float64)
+    for q0, a, k0, b in _entries(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        if a and b:
+            out[q0:q0 + a], lse[:, q0:q0 + a] = _fwd_core(q[q0:q0 + a], k[k0:k0 + b], v[k0:k0 + b],
+                                                          _fa4_mask(a, b, left, right), softmax_scale, softcap or 0.0,
+                                                          empty_lse=float("-inf"))
+    return out, lse if return_lse else None, None, None, None
+
+
+def fa4_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, softcap=0.0, window_size_left=None,
+            window_size_right=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+            dq=None, dk=None, dv=None, dlse=None, **rest):
+    """``flash_attn.cute.interface._flash_attn_bwd``, varlen, with the lse gradient: dq of key-less rows is 0, but
+    dk/dv the kernel allocates itself hold garbage (NaN here) where no query reads the keys."""
+    left, right = _fa4_checks(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window_size_left,
+                              window_size_right)
+    assert lse.is_contiguous() and lse.shape == (q.shape[1], q.shape[0])
+    dq = torch.zeros_like(q) if dq is None else dq.zero_()
+    dk = torch.full_like(k, float("nan")) if dk is None else dk
+    dv = torch.full_like(v, float("nan")) if dv is None else dv
+    for q0, a, k0, b in _entries(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        if a and b:
+            dq[q0:q0 + a], dk[k0:k0 + b], dv[k0:k0 + b] = _bwd_core(
+                dout[q0:q0 + a], q[q0:q0 + a], k[k0:k0 + b], v[k0:k0 + b], out[q0:q0 + a], lse[:, q0:q0 + a],
+                _fa4_mask(a, b, left, right), softmax_scale, softcap, None if dlse is None else dlse[:, q0:q0 + a])
+    return dq, dk, dv
+
+
 def _shd(x_1HSD):
     return x_1HSD[0].transpose(0, 1)
 
@@ -192,8 +252,12 @@ def _step_rows(x_local, step_index: int, step):
 
 
 def _scatter_rows_(dst, src, runs) -> None:
+    """``dst += src`` where ``runs`` (or a slice, or None: all rows) place ``src``'s rows, laid end to end."""
     if runs is None:
         dst += src
+        return
+    if isinstance(runs, slice):
+        dst[runs] += src
         return
     pos = 0
     for a, n in runs:
@@ -217,10 +281,9 @@ def ring_one_process(backend, plan: Plan, q, k, v, dout, dlse, *, scale: float, 
             k_step, _ = _step_rows(ks[step.source], s, step)
             v_step, _ = _step_rows(vs[step.source], s, step)
             for wave in step.waves:
-                o, l_ = backend.fwd(qs[r], k_step, v_step, wave, scale=scale, softcap=softcap)
-                a, b = wave.q_span
-                assert o.shape[0] == b - a and l_.shape == (q.shape[1], b - a)
-                merge_(out_acc[a:b], lse_acc[:, a:b], o, l_)
+                for rows, o, l_ in backend.forward(qs[r], k_step, v_step, wave, scale=scale, softcap=softcap):
+                    assert o.shape[0] == rows.stop - rows.start and l_.shape == (q.shape[1], o.shape[0])
+                    merge_(out_acc[rows], lse_acc[:, rows], o, l_)
         outs.append(out_acc.to(q.dtype))
         lses.append(lse_acc)
     lse = unshard([x.t() for x in lses], plan).t()
@@ -236,12 +299,11 @@ def ring_one_process(backend, plan: Plan, q, k, v, dout, dlse, *, scale: float, 
             v_step, _ = _step_rows(vs[src], s, step)
             dk_step, dv_step = torch.zeros(k_step.shape, dtype=acc), torch.zeros(v_step.shape, dtype=acc)
             for wave in step.waves:
-                dq, dk, dv = backend.bwd(dos[r], qs[r], k_step, v_step, outs[r], lses[r], dlses[r], wave,
-                                         scale=scale, softcap=softcap)
-                (q0, q1), (k0, k1) = wave.q_span, wave.k_span
-                dqs[r][q0:q1] += dq
-                dk_step[k0:k1] += dk
-                dv_step[k0:k1] += dv
+                for rows, keys, dq, dk, dv in backend.backward(dos[r], qs[r], k_step, v_step, outs[r], lses[r],
+                                                               dlses[r], wave, scale=scale, softcap=softcap):
+                    dqs[r][rows] += dq
+                    _scatter_rows_(dk_step, dk, keys)
+                    _scatter_rows_(dv_step, dv, keys)
             _scatter_rows_(dks[src], dk_step, runs)
             _scatter_rows_(dvs[src], dv_step, runs)
     return unshard(outs, plan), lse, unshard(dqs, plan), unshard(dks, plan), unshard(dvs, plan)
@@ -296,7 +358,7 @@ class _ThreadPending:
 def ring_in_threads(plan: Plan, backend, q, k, v, dout, dlse, *, scale: float, softcap: float = 0.0):
     """Every rank of ``plan`` as a thread running ``ringpack.ring``'s own forward and backward loops over a
     :class:`ThreadRing`; global ``(out, lse, dq, dk, dv)``. Inputs are global, on the device to run on."""
-    from ringpack import ring as ring_mod
+    from ringpack import ring as ring_loop
 
     world = plan.world_size
     rings = ThreadRing.ranks(world)
@@ -306,8 +368,8 @@ def ring_in_threads(plan: Plan, backend, q, k, v, dout, dlse, *, scale: float, s
         try:
             q_, k_, v_, dout_ = (shard(x, plan, r) for x in (q, k, v, dout))
             dlse_ = shard(dlse.t(), plan, r).t() if dlse is not None else None
-            out, lse = ring_mod._forward(q_, k_, v_, plan, rings[r], backend, scale, softcap)
-            grads = ring_mod._backward(dout_.contiguous(), dlse_, q_, k_, v_, out, lse, plan, rings[r], backend,
+            out, lse = ring_loop.forward(q_, k_, v_, plan, rings[r], backend, scale, softcap)
+            grads = ring_loop.backward(dout_.contiguous(), dlse_, q_, k_, v_, out, lse, plan, rings[r], backend,
                                        scale, softcap)
             results[r] = (out, lse, *grads)
         except Exception as e:  # reported by the caller, with the rank
@@ -324,3 +386,33 @@ def ring_in_threads(plan: Plan, backend, q, k, v, dout, dlse, *, scale: float, s
     out, lse, dq, dk, dv = ([results[r][i] for r in range(world)] for i in range(5))
     return (unshard(out, plan), unshard([x.t() for x in lse], plan).t(), unshard(dq, plan), unshard(dk, plan),
             unshard(dv, plan))
+
+
+MIXES = [(0, 1, 7, 97, 31, 0, 13, 64), (5,) * 12 + (3, 1)]
+MASKS = [(True, (-1, -1)), (False, (-1, -1)), (True, (9, -1)), (False, (6, 4)), (True, (0, -1))]
+
+
+def check_ring(backend, lengths, world, strategy, causal, window, heads=4, kv_heads=2, lse_grad=True,
+               backward=True, tol=1e-10, softcap=0.0):
+    """Every rank of a ``world``-rank plan through ``backend`` against the float64 reference: out, lse, dq, dk, dv
+    must agree to ``tol`` (a layout slip is an O(1) error; the merge is exact)."""
+    cu = lengths_to_cu_seqlens(lengths)
+    total = int(cu[-1])
+    g = torch.Generator().manual_seed(world * 7 + len(lengths))
+    q, k, v, dout = (torch.randn(total, h, 16, generator=g, dtype=torch.float64)
+                     for h in (heads, kv_heads, kv_heads, heads))
+    dlse = torch.randn(heads, total, generator=g, dtype=torch.float64) if lse_grad else None
+    plan = make_plan(cu, world, strategy=strategy, causal=causal, window_size=window)
+    if backward:  # ringpack.ring's own loops, ranks as threads
+        got = ring_in_threads(plan, backend, q, k, v, dout, dlse, scale=1 / math.sqrt(16), softcap=softcap)
+    else:
+        got = ring_one_process(backend, plan, q, k, v, dout, dlse, scale=1 / math.sqrt(16), softcap=softcap,
+                               backward=False)
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    out, lse = reference_attention(qr, kr, vr, cu, causal=causal, window_size=window, softcap=softcap)
+    loss = (out * dout).sum() + ((lse.masked_fill(torch.isinf(lse), 0) * dlse).sum() if lse_grad else 0)
+    want = (out.detach(), lse.detach(), *torch.autograd.grad(loss, (qr, kr, vr)))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        both_inf = torch.isinf(a) & torch.isinf(b) & (a == b)
+        err = torch.where(both_inf, 0, (a - b).abs()).max().item() if a.numel() else 0.0
+        assert err <= tol, f"{name}: max error {err}"

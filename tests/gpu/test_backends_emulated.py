@@ -9,12 +9,13 @@ to 1e-10 (the merge is exact; only rounding remains).
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from emulation import (
+    MASKS,
+    MIXES,
     ThreadRing,
+    check_ring,
     cudnn_bwd,
     cudnn_fwd,
     flash_attn_varlen_bwd,
@@ -22,55 +23,27 @@ from emulation import (
     flash_bwd,
     flash_fwd,
     ring_in_threads,
-    ring_one_process,
 )
 
-from ringpack.backends.auto import AutoBackend
+from ringpack.backends.auto import AutoBackend, Rule
 from ringpack.backends.cudnn import CudnnBackend
 from ringpack.backends.torch_flash import TorchFlashBackend
-from ringpack.checking import reference_attention
 from ringpack.packing import lengths_to_cu_seqlens
 from ringpack.plan import make_plan
 
-MIXES = [(0, 1, 7, 97, 31, 0, 13, 64), (5,) * 12 + (3, 1)]
-MASKS = [(True, (-1, -1)), (False, (-1, -1)), (True, (9, -1)), (False, (6, 4)), (True, (0, -1))]
+
+def _flash(fwd=flash_fwd, bwd=flash_bwd):
+    return TorchFlashBackend(fwd, bwd)
 
 
-def _flash():
-    b = TorchFlashBackend()
-    b.fwd_op, b.bwd_op = flash_fwd, flash_bwd
-    return b
+def _cudnn(fwd=cudnn_fwd, bwd=cudnn_bwd):
+    return CudnnBackend(fwd, bwd)
 
 
-def _cudnn(min_pairs: int = 0):
-    b = CudnnBackend()
-    b.fwd_op, b.bwd_op = cudnn_fwd, cudnn_bwd
-    b.min_tile_pairs = min_pairs
-    return b
-
-
-def _check(backend, lengths, world, strategy, causal, window, heads=4, kv_heads=2, lse_grad=True, backward=True,
-           tol=1e-10, softcap=0.0):
-    cu = lengths_to_cu_seqlens(lengths)
-    total = int(cu[-1])
-    g = torch.Generator().manual_seed(world * 7 + len(lengths))
-    q, k, v, dout = (torch.randn(total, h, 16, generator=g, dtype=torch.float64)
-                     for h in (heads, kv_heads, kv_heads, heads))
-    dlse = torch.randn(heads, total, generator=g, dtype=torch.float64) if lse_grad else None
-    plan = make_plan(cu, world, strategy=strategy, causal=causal, window_size=window)
-    if backward:  # ringpack.ring's own loops, ranks as threads
-        got = ring_in_threads(plan, backend, q, k, v, dout, dlse, scale=1 / math.sqrt(16), softcap=softcap)
-    else:
-        got = ring_one_process(backend, plan, q, k, v, dout, dlse, scale=1 / math.sqrt(16), softcap=softcap,
-                               backward=False)
-    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
-    out, lse = reference_attention(qr, kr, vr, cu, causal=causal, window_size=window, softcap=softcap)
-    loss = (out * dout).sum() + ((lse.masked_fill(torch.isinf(lse), 0) * dlse).sum() if lse_grad else 0)
-    want = (out.detach(), lse.detach(), *torch.autograd.grad(loss, (qr, kr, vr)))
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
-        both_inf = torch.isinf(a) & torch.isinf(b) & (a == b)
-        err = torch.where(both_inf, 0, (a - b).abs()).max().item() if a.numel() else 0.0
-        assert err <= tol, f"{name}: max error {err}"
+def _auto(min_dense_pairs: int, *backends):
+    """auto over emulated kernels, with dense tiles of at least ``min_dense_pairs`` pairs given to cudnn."""
+    return AutoBackend(list(backends) or [_cudnn(), _flash()], rules=(Rule("cudnn", dense=True,
+                                                                             min_pairs=min_dense_pairs),))
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -79,7 +52,7 @@ def _check(backend, lengths, world, strategy, causal, window, heads=4, kv_heads=
 def test_torch_flash_layout_exact(world, strategy, causal, window):
     """Catches a wrong band -> (left, right) mapping, a gap row computed, a lost or doubled key run."""
     for lengths, (h, hk) in zip(MIXES, ((4, 2), (4, 1))):
-        _check(_flash(), lengths, world, strategy, causal, window, h, hk)
+        check_ring(_flash(), lengths, world, strategy, causal, window, h, hk)
 
 
 @pytest.mark.parametrize("world", [1, 3])
@@ -87,7 +60,7 @@ def test_torch_flash_layout_exact(world, strategy, causal, window):
 @pytest.mark.parametrize("causal", [True, False])
 def test_cudnn_dense_tiles_exact(world, strategy, causal):
     """Catches cuDNN's top-left causal used on a non-square tile, and a wrong per-tile placement."""
-    _check(_cudnn(), (211, 64, 12), world, strategy, causal, (-1, -1))  # no 1 x 1 tile
+    check_ring(_cudnn(), (211, 64, 12), world, strategy, causal, (-1, -1))  # no 1 x 1 tile
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -95,16 +68,15 @@ def test_cudnn_dense_tiles_exact(world, strategy, causal):
 @pytest.mark.parametrize("causal", [True, False])
 def test_cudnn_batches_equal_tiles_exact(world, strategy, causal):
     """Equal documents run as one [B, H, S, D] call: catches a batch laid out across documents, not along them."""
-    _check(_cudnn(), (40,) * 5 + (17, 40, 40, 9), world, strategy, causal, (-1, -1), tol=1e-10)
+    check_ring(_cudnn(), (40,) * 5 + (17, 40, 40, 9), world, strategy, causal, (-1, -1), tol=1e-10)
 
 
 def test_cudnn_one_call_per_run_of_equal_tiles():
     """Five equal documents, a shorter one, two equal again: three calls forward and three backward."""
     calls = []
-    b = _cudnn()
-    b.fwd_op = lambda q, *a, **kw: calls.append(("fwd", q.shape[0])) or cudnn_fwd(q, *a, **kw)
-    b.bwd_op = lambda dout, *a, **kw: calls.append(("bwd", dout.shape[0])) or cudnn_bwd(dout, *a, **kw)
-    _check(b, (40,) * 5 + (17, 40, 40), 1, "contiguous", True, (-1, -1))
+    b = _cudnn(lambda q, *a, **kw: calls.append(("fwd", q.shape[0])) or cudnn_fwd(q, *a, **kw),
+               lambda dout, *a, **kw: calls.append(("bwd", dout.shape[0])) or cudnn_bwd(dout, *a, **kw))
+    check_ring(b, (40,) * 5 + (17, 40, 40), 1, "contiguous", True, (-1, -1))
     assert calls == [("fwd", 5), ("fwd", 1), ("fwd", 2), ("bwd", 5), ("bwd", 1), ("bwd", 2)]
 
 
@@ -112,13 +84,13 @@ def test_cudnn_one_call_per_run_of_equal_tiles():
 @pytest.mark.parametrize("causal", [True, False])
 def test_auto_split_exact(world, causal):
     """auto sends big dense tiles to cudnn and the rest to torch_flash in one wave: the combine must be exact."""
-    auto = AutoBackend([_cudnn(min_pairs=30 * 30), _flash()])
-    _check(auto, (211, 13, 97, 1, 40), world, "balanced", causal, (-1, -1))
+    auto = _auto(30 * 30)
+    check_ring(auto, (211, 13, 97, 1, 40), world, "balanced", causal, (-1, -1))
 
 
 def test_lse_gradient_off():
     """Without an lse gradient the backward must not shift ``out`` (catches a None dlse mishandled)."""
-    _check(_flash(), (97, 31), 2, "balanced", True, (-1, -1), lse_grad=False)
+    check_ring(_flash(), (97, 31), 2, "balanced", True, (-1, -1), lse_grad=False)
 
 
 def test_cudnn_rejects_band_tile():
@@ -126,16 +98,14 @@ def test_cudnn_rejects_band_tile():
     plan = make_plan([0, 50], 1, causal=True, window_size=(5, -1))
     q = torch.zeros(50, 2, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="neither full nor square causal"):
-        _cudnn().fwd(q, q, q, plan.steps[0][0].waves[0], scale=1.0, softcap=0.0)
+        list(_cudnn().forward(q, q, q, plan.steps[0][0].waves[0], scale=1.0, softcap=0.0))
 
 
 def _flex_eager():
     from torch.nn.attention.flex_attention import flex_attention
 
     from ringpack.backends.flex import FlexBackend
-    b = FlexBackend()
-    b._compiled = flex_attention  # the unfused eager path: same mask and lse logic, no compiler needed
-    return b
+    return FlexBackend(flex_attention)  # the unfused eager path: same mask and lse logic, no compiler needed
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -147,7 +117,7 @@ def test_flex_block_mask_exact(world, strategy, causal, window):
     Flex returns its lse through float32 even for float64 inputs, and the merge weights come from the
     lse, so the bound is float32's (1e-5 on values of a few units); a mask error is O(1).
     """
-    _check(_flex_eager(), (0, 1, 7, 97, 31, 0, 13, 64), world, strategy, causal, window, backward=False,
+    check_ring(_flex_eager(), (0, 1, 7, 97, 31, 0, 13, 64), world, strategy, causal, window, backward=False,
            tol=1e-5)
 
 
@@ -213,8 +183,8 @@ def test_torch_flash_window_with_more_queries_than_keys(strategy):
     """What the real kernel caught on an H200: a causal window where many queries of a cut document meet few
     keys of the rank before. FA2 reads the unbounded right side as ``max_k``, which hid keys from the first
     rows (out error 0.3 relative); the backend now bounds that side itself."""
-    _check(_flash(), (300, 40), 2, strategy, True, (100, -1))
-    _check(_flash(), (300, 40, 7), 3, strategy, True, (100, -1))
+    check_ring(_flash(), (300, 40), 2, strategy, True, (100, -1))
+    check_ring(_flash(), (300, 40, 7), 3, strategy, True, (100, -1))
 
 
 def test_cudnn_rejects_one_by_one_tile():
@@ -223,8 +193,9 @@ def test_cudnn_rejects_one_by_one_tile():
     plan = make_plan([0, 1], 1, causal=True)
     q = torch.zeros(1, 2, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="1 query x 1 key"):
-        _cudnn().fwd(q, q, q, plan.steps[0][0].waves[0], scale=1.0, softcap=0.0)
-    assert not _cudnn(min_pairs=0).accepts(plan.steps[0][0].waves[0].tiles[0])
+        list(_cudnn().forward(q, q, q, plan.steps[0][0].waves[0], scale=1.0, softcap=0.0))
+    tile = plan.steps[0][0].waves[0].tiles[0]
+    assert not _cudnn().runs_tile(tile) and _auto(0).backend_for(tile).name == "torch_flash"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
@@ -258,9 +229,9 @@ def test_round_once_accumulation_is_bitwise_fp32(monkeypatch, backend, world, st
     in bf16: the bits must equal an fp32 accumulator's.
 
     The reference kernel returns fp32 gradients, which a bf16 accumulator would round twice (catches a ring
-    that ignores ``grads_in_input_dtype``); auto over the 16-bit kernels takes the bf16 path. At world 3 every
+    that ignores ``EXACT_16BIT_GRADS``); auto over the 16-bit kernels takes the bf16 path. At world 3 every
     key has three partials: a key depth counted short would round twice there."""
-    from ringpack import ring as ring_mod
+    from ringpack import accumulate
     from ringpack.backends.reference import ReferenceBackend
 
     def bf16(op, n_grads):  # a 16-bit kernel: float64 inside, 16-bit out/dq/dk/dv and fp32 lse outside
@@ -274,10 +245,8 @@ def test_round_once_accumulation_is_bitwise_fp32(monkeypatch, backend, world, st
 
     impl = ReferenceBackend()
     if backend == "auto":
-        cudnn, flash = _cudnn(min_pairs=30 * 30), _flash()
-        cudnn.fwd_op, cudnn.bwd_op = bf16(cudnn_fwd, 0), bf16(cudnn_bwd, 3)
-        flash.fwd_op, flash.bwd_op = bf16(flash_fwd, 0), bf16(flash_bwd, 3)
-        impl = AutoBackend([cudnn, flash, ReferenceBackend()])  # as select_backend orders them on a GPU
+        cudnn, flash = _cudnn(bf16(cudnn_fwd, 0), bf16(cudnn_bwd, 3)), _flash(bf16(flash_fwd, 0), bf16(flash_bwd, 3))
+        impl = _auto(30 * 30, cudnn, flash, ReferenceBackend())  # as select_backend orders them on a GPU
         assert impl.backends == [cudnn, flash], "auto keeps a backend that can never get a tile"
     cu = lengths_to_cu_seqlens((97, 31, 64, 5, 40))
     plan = make_plan(cu, world, strategy=strategy)
@@ -296,8 +265,8 @@ def test_round_once_accumulation_is_bitwise_fp32(monkeypatch, backend, world, st
 
     monkeypatch.setattr(ThreadRing, "shift", recording)
     got = {}
-    for depth in (0, ring_mod.ROUND_ONCE_DEPTH):
-        monkeypatch.setattr(ring_mod, "ROUND_ONCE_DEPTH", depth)
+    for depth in (0, accumulate.ROUND_ONCE_DEPTH):
+        monkeypatch.setattr(accumulate, "ROUND_ONCE_DEPTH", depth)
         returned.clear()
         got[depth] = ring_in_threads(plan, impl, q, k, v, dout, dlse, scale=0.25)
     assert max(plan.query_depth) == max(plan.key_depth) == world
@@ -309,9 +278,7 @@ def test_round_once_accumulation_is_bitwise_fp32(monkeypatch, backend, world, st
 
 def _flash_attn():
     from ringpack.backends.flash_attn import FlashAttnBackend
-    b = FlashAttnBackend()
-    b.use_ops(flash_attn_varlen_fwd, flash_attn_varlen_bwd)
-    return b
+    return FlashAttnBackend(flash_attn_varlen_fwd, flash_attn_varlen_bwd)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -322,12 +289,12 @@ def test_flash_attn_layout_exact(world, strategy, causal, window):
     arguments passed in the wrong positions of the op schema, a softcap lost on its way to the kernel (forward or
     backward), and dq/dk/dv buffers the op is not given to write into."""
     for lengths, (h, hk), softcap in zip(MIXES, ((4, 2), (4, 1)), (0.0, 5.0)):
-        _check(_flash_attn(), lengths, world, strategy, causal, window, h, hk, softcap=softcap)
+        check_ring(_flash_attn(), lengths, world, strategy, causal, window, h, hk, softcap=softcap)
 
 
 def test_flash_attn_window_with_more_queries_than_keys():
     """The FA2 host-side window normalisation lives in flash-attn's kernels too (see the torch_flash test)."""
-    _check(_flash_attn(), (300, 40, 7), 3, "contiguous", True, (100, -1), softcap=2.0)
+    check_ring(_flash_attn(), (300, 40, 7), 3, "contiguous", True, (100, -1), softcap=2.0)
 
 
 def test_flash_attn_takes_softcap_that_torch_flash_declines(monkeypatch):
@@ -356,10 +323,10 @@ def test_flash_attn_declines_missing_or_unsupported_package(monkeypatch):
         return fake
 
     monkeypatch.setattr(importlib.metadata, "version", installed(None))
-    assert flash_attn.load_ops()[2] == "flash-attn is not installed (pip install 'ringpack[flash]')"
+    assert flash_attn.find_ops()[2] == "flash-attn is not installed (pip install 'ringpack[flash]')"
     for version in ("2.6.3", "3.0.0b1", "2.10.1"):
         monkeypatch.setattr(importlib.metadata, "version", installed(version))
-        why = flash_attn.load_ops()[2]
+        why = flash_attn.find_ops()[2]
         assert f"flash-attn {version} is installed" in why and flash_attn.SUPPORTED in why
 
     @torch.library.custom_op("ringpack_test::varlen_fwd_moved", mutates_args=())
@@ -398,12 +365,14 @@ def test_flex_calls_never_overlap_across_threads():
         finally:
             inside[0] -= 1
 
-    b = _flex_eager()
-    b._compiled = compiled
+    from ringpack.backends.flex import FlexBackend
+    b = FlexBackend(compiled)
     plan = make_plan([0, 40], 1, causal=True)
     q = torch.randn(40, 2, 16)
-    threads = [threading.Thread(target=b.fwd, args=(q, q, q, plan.steps[0][0].waves[0]),
-                                kwargs={"scale": 0.25, "softcap": 0.0}) for _ in range(4)]
+    def run():
+        list(b.forward(q, q, q, plan.steps[0][0].waves[0], scale=0.25, softcap=0.0))
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:

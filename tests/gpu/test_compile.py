@@ -53,8 +53,8 @@ def test_compile_cpu_float64(monkeypatch):
     Catches ring_attention bypassing the ops under compile (dynamo would then trace the host-side ring
     loop itself: graph breaks on every step, or plan sizes baked into the graph)."""
     calls = []
-    apply = ops.apply
-    monkeypatch.setattr(ops, "apply", lambda *a: calls.append(1) or apply(*a))
+    intern = ops.intern
+    monkeypatch.setattr(ops, "intern", lambda *a: calls.append(1) or intern(*a))
     plan = ringpack.make_plan([0, 30, 31, 77], 1, strategy="contiguous")
     model = TinyAttention(plan, 4, 2, 16, torch.float64, "cpu")
     x = torch.randn(77, 64, dtype=torch.float64, requires_grad=True)
@@ -71,14 +71,14 @@ def test_compile_gpu_bf16_inductor():
     _compare(model, x, "inductor", 2 ** -6)
 
 
-def test_fullgraph_with_handle_interned_outside():
-    """With the plan interned outside the graph, the whole function traces as one graph (fullgraph)."""
+def test_fullgraph_with_token_interned_outside():
+    """With the call interned outside the graph, the whole function traces as one graph (fullgraph)."""
     plan = ringpack.make_plan([0, 30, 77], 1, strategy="contiguous")
     spec = AttnSpec("cpu", torch.float64, 16, 4, 2, True, False, False, True)
-    handle = ops.intern(plan, Ring.local(), select_backend("auto", spec), 0.25, 0.0, True)
+    token = ops.intern(plan, Ring.local(), select_backend("auto", spec), 0.25, 0.0, True)
 
     def f(q, k, v):
-        out, lse = torch.ops.ringpack.ring_fwd(q, k, v, handle)
+        out, lse = torch.ops.ringpack.ring_fwd(q, k, v, token)
         return out.sum() + lse.sum()
 
     q = torch.randn(77, 4, 16, dtype=torch.float64, requires_grad=True)
@@ -88,3 +88,36 @@ def test_fullgraph_with_handle_interned_outside():
     got = torch.autograd.grad(torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v), (q, k, v))
     for a, b in zip(got, want):
         assert (a - b).abs().max() <= 1e-12
+
+
+def test_600_compiled_calls_in_flight_then_all_backwards():
+    """600 compiled ring calls run their forwards before any backward (80 layers x micro-batches, activation
+    checkpointing, pipeline schedules keep that many graphs alive): every backward must find its call's state and
+    give eager's gradients. The state of a call lives exactly as long as its graph: once the backwards ran and the
+    outputs are gone, nothing is left registered. (A registry that kept the last 256 calls lost the rest.)"""
+    import gc
+
+    plans = [ringpack.make_plan([0, 5, 9 + i % 3], 1, strategy="contiguous") for i in range(4)]  # a new plan per batch
+    before = len(ops._contexts)
+
+    def f(q, k, v, plan):
+        return ringpack.ring_attention(q, k, v, plan, return_lse=True)
+
+    compiled = torch.compile(f, backend="aot_eager", dynamic=False)
+    inputs, eager, outs = [], [], []
+    for i in range(600):
+        plan = plans[i % 4]
+        n = plan.total_tokens
+        qkv = [torch.randn(n, h, 8, dtype=torch.float64, requires_grad=True) for h in (2, 1, 1)]
+        inputs.append(qkv)
+        eager.append(torch.autograd.grad(sum(x.sum() for x in f(*qkv, plan)), qkv))
+        outs.append(compiled(*qkv, plan))
+    assert len(ops._contexts) >= before + 600
+    loss = sum(o.sum() + lse.sum() for o, lse in outs)
+    grads = torch.autograd.grad(loss, [x for qkv in inputs for x in qkv])
+    for i, want in enumerate(eager):
+        for a, b in zip(grads[3 * i:3 * i + 3], want):
+            assert (a - b).abs().max() <= 1e-12
+    del outs, loss, grads
+    gc.collect()
+    assert len(ops._contexts) == before

@@ -95,11 +95,14 @@ def test_two_gpus_nccl_every_strategy(backend):
 
 
 @needs_cuda
-def test_auto_split_between_cudnn_and_flash(monkeypatch):
-    """auto with cuDNN taking every dense tile and torch_flash the rest of the same waves."""
-    from ringpack.backends import BACKENDS
-    monkeypatch.setattr(BACKENDS["cudnn"], "min_tile_pairs", 300 * 300)
-    cases = [Case(MIX, s, c, (-1, -1), dtype=d, backend="auto", **SHAPE)
+def test_auto_split_between_cudnn_and_flash():
+    """auto with cuDNN taking every dense tile of 300 x 300 pairs or more and torch_flash the rest of the same
+    waves."""
+    from ringpack.backends.auto import AutoBackend, Rule
+    from ringpack.backends.cudnn import CudnnBackend
+    from ringpack.backends.torch_flash import TorchFlashBackend
+    auto = AutoBackend([CudnnBackend(), TorchFlashBackend()], rules=(Rule("cudnn", dense=True, min_pairs=300 * 300),))
+    cases = [Case(MIX, s, c, (-1, -1), dtype=d, backend=auto, **SHAPE)
              for s in ("balanced", "contiguous") for c in (True, False) for d in ("bfloat16", "float16")]
     _assert_all_ok(_run(cases))
 
