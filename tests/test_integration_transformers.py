@@ -155,6 +155,25 @@ def _hf_batches(group) -> dict[str, float]:
     return errors
 
 
+def _fsdp2(batch, group) -> dict[str, float]:
+    """One step of a model sharded with FSDP2 (``fully_shard``, which averages gradients over the world) on the
+    world's ranks, as the ring's group: each rank's loss share times the world size gives the full gradient."""
+    from torch.distributed.fsdp import fully_shard
+    from transformers import LlamaConfig
+
+    reference, model = _pairs("llama", LlamaConfig(**TINY))
+    ref = reference(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                    shift_labels=batch["labels"], use_cache=False)
+    ref.loss.backward()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    out = model(**model_inputs(batch, RingpackContext(batch["cu_seqlens"], group=group)))
+    (out.loss * dist.get_world_size(group)).backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    return {f"fsdp2/grad/{n}": rel_err(grads[n], p.grad) for n, p in reference.named_parameters()}
+
+
 def _different_packs(group) -> dict[str, str]:
     """What each rank raises when the ranks of one group are handed different packs."""
     rank = dist.get_rank(group)
@@ -202,6 +221,7 @@ def _job():
     for name, (cfg, strategy) in _configs().items():
         errors.update(_compare(name, cfg, strategy, batch, group))
     errors.update(_hf_batches(group))
+    errors.update(_fsdp2(batch, group))
     return {"errors": max_over_ranks(errors, group), "raised": _error_cases(batch, group),
             "different_packs": _different_packs(group), "all_ones_mask_ok": _all_ones_mask_ok(batch, group)}
 
@@ -251,6 +271,14 @@ def test_flattening_collator_batches_match_each_document_alone(job, flash_kwargs
     predict itself), targets shifted across a document or rank boundary, and the flash kwargs being rejected.
     Tolerance: fp32, ``TOL``."""
     worst, error = _worst(job["errors"], f"flash_kwargs={flash_kwargs}/")
+    assert error <= TOL, f"{worst}: relative error {error:.3g} > {TOL}"
+
+
+def test_fsdp2_gradients_match_one_process(job):
+    """FSDP2 (``fully_shard``) on CPU averages gradients over the world like DDP: each rank's loss share scaled by
+    the world size gives every (resharded) gradient of one process. Catches the ring's shares being averaged
+    instead of summed. Tolerance: fp32, ``TOL``."""
+    worst, error = _worst(job["errors"], "fsdp2/")
     assert error <= TOL, f"{worst}: relative error {error:.3g} > {TOL}"
 
 

@@ -115,10 +115,20 @@ def ringpack_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         layout = context.plan()
         probe(mask, layout, context.rank, layout.position_ids(context.rank) if seen is None else seen,
               causal=causal, window=window, chunk=chunk)
+    query, key, value = _autocast(query, key, value)
     out_SHD = context.attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
                                 causal=causal, window_size=window, softmax_scale=scaling,
                                 softcap=float(softcap or 0.0), chunk_size=chunk)
     return out_SHD[None], None
+
+
+def _autocast(*qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast, q/k/v arrive in mixed dtypes (rotary embeddings upcast q and k): run in autocast's dtype."""
+    device = qkv[0].device.type
+    if len({t.dtype for t in qkv}) > 1 and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return tuple(t.to(dtype) for t in qkv)
+    return qkv
 
 
 def _check_inputs(query: torch.Tensor, key: torch.Tensor, dropout: float, kwargs: dict) -> None:
