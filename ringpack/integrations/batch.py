@@ -36,8 +36,9 @@ def packed_batch(batch: Mapping, *, labels_shifted: bool | None = None,
     Fields read: the boundaries from ``cu_seqlens``, else ``cu_seq_lens_q``/``cu_seq_lens_k``, else
     ``position_ids`` (every one given must agree); ``max_length_q``/``max_length_k`` (checked, dropped);
     ``position_ids`` (made from the boundaries when absent); targets from ``shift_labels`` (already shifted),
-    else ``labels``: already shifted when ``labels_shifted`` is True, not shifted when False, and when None
-    shifted exactly for ringpack's ``PackingCollator`` batches (those with ``cu_seqlens``). Every other entry
+    else ``labels``: already shifted when ``labels_shifted`` is True, not shifted when False; when None, shifted
+    in ringpack's ``PackingCollator`` batches (those with ``cu_seqlens``) and not shifted in transformers'
+    flattened batches (checked: their every document starts with ``ignore_index``). Every other entry
     (``input_ids``, ``attention_mask``, ``seq_idx``, ...) must be a ``[1, T]`` or ``[T]`` tensor and is kept.
     The result has ``shift_labels`` (no ``labels``) when the batch had targets.
     """
@@ -94,11 +95,18 @@ def _targets(batch: Mapping, cu: tuple[int, ...], labels_shifted: bool | None,
         key, shifted = "labels", ("cu_seqlens" in batch) if labels_shifted is None else bool(labels_shifted)
     else:
         return None
-    labels = _token_row(key, batch[key], total)[0]
+    labels = _token_row(key, batch[key], total)[0].cpu()
+    starts = torch.tensor([a for a, b in zip(cu[:-1], cu[1:]) if b > a], dtype=torch.long)
     if not shifted:
+        if labels_shifted is None and bool((labels[starts] != ignore_index).any()):
+            first = int(starts[labels[starts] != ignore_index][0])
+            raise ValueError(f"cannot tell whether batch['labels'] is shifted: without cu_seqlens it is read as "
+                             f"transformers' flattened labels, which are {ignore_index} at every document's first "
+                             f"token, but token {first} starts a document with label {int(labels[first])}; pass "
+                             "labels_shifted=True (already next-token targets) or False (the model shifts them)")
         return shift_labels(labels, cu, ignore_index)[None]
     ends = torch.tensor([b - 1 for a, b in zip(cu[:-1], cu[1:]) if b > a], dtype=torch.long)
-    crossing = ends[labels[ends].cpu() != ignore_index]
+    crossing = ends[labels[ends] != ignore_index]
     if crossing.numel():
         raise ValueError(f"batch[{key!r}] is read as already shifted, but the last token of a document has a target "
                          f"(token {int(crossing[0])}: it would predict the next document); pass labels_shifted=False "

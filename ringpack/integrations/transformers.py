@@ -216,17 +216,18 @@ def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
     convolution layers: a shard would mix only its own tokens) and replace a MoE model's per-rank router
     auxiliary loss by this rank's share of the pack's (``hf_moe.exact_aux_loss``). Returns ``model``.
     """
-    check_model_class(type(model))
-    implementation = getattr(model.config, "_attn_implementation", None)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
+    check_model_class(type(base))
+    implementation = getattr(base.config, "_attn_implementation", None)
     if not isinstance(implementation, str) or implementation not in ALL_ATTENTION_FUNCTIONS.valid_keys() \
             or ALL_ATTENTION_FUNCTIONS[implementation] is not ringpack_attention_forward:
-        raise ValueError(f"{type(model).__name__} runs attn_implementation={implementation!r}, not ringpack: build "
+        raise ValueError(f"{type(base).__name__} runs attn_implementation={implementation!r}, not ringpack: build "
                          f"it with attn_implementation={NAME!r} (registered by importing "
                          "ringpack.integrations.transformers, or by its register()) or call "
                          f"model.set_attn_implementation({NAME!r})")
-    if not getattr(model, "_ringpack_hooks", None):
-        model._ringpack_hooks = (model.register_forward_pre_hook(_before_forward, with_kwargs=True),
-                                 model.register_forward_hook(_after_forward, with_kwargs=True))
+    if not getattr(base, "_ringpack_hooks", None):
+        base._ringpack_hooks = (base.register_forward_pre_hook(_before_forward, with_kwargs=True),
+                                base.register_forward_hook(_after_forward, with_kwargs=True))
     return model
 
 
