@@ -121,7 +121,27 @@ def _ringpack_job(world: int, out_dir: str) -> dict:
         trainer.train()
         results[name] = _result(trainer)
         dist.barrier()
+    if world == 2 and HAS_TRL:
+        results["sft_moe"] = _sft_moe_error(out_dir)
     return results
+
+
+def _sft_moe_error(out_dir: str) -> str:
+    import datasets
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from ringpack.integrations.trainer import RingpackArguments
+    from ringpack.integrations.trl import RingpackSFTTrainer
+
+    moe = AutoModelForCausalLM.from_config(MixtralConfig(**TINY, num_local_experts=2, output_router_logits=True),
+                                           attn_implementation="ringpack")
+    try:
+        RingpackSFTTrainer(model=moe, args=_args("trl_sft", 1, out_dir), processing_class=_tokenizer(),
+                           train_dataset=datasets.Dataset.from_list(list(_features())),
+                           ringpack=RingpackArguments(max_tokens=MAX_TOKENS, cp_size=CP))
+    except ValueError as e:
+        return str(e)
+    return ""
 
 
 def _reference(name: str, ga: int, out_dir: str) -> dict:
@@ -178,6 +198,28 @@ def test_trainer_matches_single_process(jobs, world, name, ga, tmp_path):
     errors = {n: rel_err(p, want["params"][n]) for n, p in got["params"].items()}
     worst = max(errors, key=errors.get)
     assert errors[worst] <= TOL, f"{worst}: relative error {errors[worst]:.3g} > {TOL}"
+
+
+def test_sft_trainer_refuses_a_per_rank_router_loss(jobs):
+    """SFTTrainer adds each rank's own MoE router loss (not the pack's): over a CP group of 2 that is refused."""
+    if not HAS_TRL:
+        pytest.skip("trl is not installed (pip install trl)")
+    assert "router auxiliary loss" in jobs(2)["sft_moe"]
+
+
+@pytest.mark.parametrize("option,words", [({"label_smoothing_factor": 0.1}, "shift them again"),
+                                          ({"eval_strategy": "steps"}, "eval_strategy='no'")])
+def test_trainer_refuses_options_it_would_get_wrong(option, words, tmp_path):
+    """Label smoothing (which shifts the already-shifted targets again) and evaluation (whose batches are not
+    sharded) are refused when the trainer is made, not discovered as wrong numbers later."""
+    from transformers import TrainingArguments
+
+    from ringpack.integrations.trainer import RingpackArguments, RingpackTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **option)
+    with pytest.raises(ValueError, match=words):
+        RingpackTrainer(model=_model("llama", "ringpack"), args=args, train_dataset=list(_features()),
+                        eval_dataset=list(_features()), ringpack=RingpackArguments(max_tokens=MAX_TOKENS))
 
 
 def test_trainer_example_under_torchrun():

@@ -70,6 +70,10 @@ class RingpackTrainerMixin:
         if self.args.n_gpu > 1:
             raise ValueError(f"RingpackTrainer runs one device per process (torchrun), not DataParallel over "
                              f"{self.args.n_gpu} GPUs")
+        if self.args.label_smoothing_factor or self.compute_loss_func is not None:
+            raise ValueError("RingpackTrainer hands the loss already-shifted targets (labels == shift_labels, this "
+                             "rank's shard); label smoothing and compute_loss_func would shift them again. Use "
+                             "label_smoothing_factor=0 and no compute_loss_func")
         if self.args.eval_strategy != "no":
             raise ValueError("RingpackTrainer trains only: evaluation batches are not sharded; set eval_strategy='no' "
                              "and evaluate with a plain loop (ringpack.integrations.transformers.model_inputs)")
