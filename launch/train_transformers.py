@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from ringpack import MultipackBatchSampler, PackingCollator
 from ringpack.distributed import init_distributed
 from ringpack.integrations import RingpackContext
-from ringpack.integrations.transformers import model_inputs, register
+from ringpack.integrations.transformers import model_inputs, prepare_model, register
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
     torch.manual_seed(0)  # the same model and data on every rank
     config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="ringpack").to(groups.device)
+    model = prepare_model(AutoModelForCausalLM.from_config(config, attn_implementation="ringpack").to(groups.device))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     cp_group = groups.cp_group
     if args.deepspeed:
@@ -65,7 +65,7 @@ def main() -> None:
               f"{groups.cp_size} context-parallel ranks on {groups.device.type}")
 
     for step, batch in zip(range(args.steps), loader):
-        context = RingpackContext(batch["cu_seqlens"], group=cp_group, strategy=args.strategy)
+        context = RingpackContext.from_batch(batch, group=cp_group, strategy=args.strategy)  # checks the group
         inputs = {k: v.to(groups.device) if isinstance(v, torch.Tensor) else v
                   for k, v in model_inputs(batch, context).items()}
         loss = model(**inputs).loss  # this rank's share of the pack's mean loss

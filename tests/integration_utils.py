@@ -38,3 +38,12 @@ def max_over_ranks(errors: dict[str, float], group=None) -> dict[str, float]:
     t = torch.tensor([errors[n] if errors[n] == errors[n] else float("inf") for n in names], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return dict(zip(names, t.tolist()))
+
+
+def expect_value_error(fn) -> str:
+    """The message of the ValueError ``fn()`` raises, or "" when it raises none."""
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return ""

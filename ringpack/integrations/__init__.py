@@ -1,7 +1,8 @@
 """Adapters that plug ringpack into training frameworks through their public extension points.
 
-``transformers``, ``deepspeed`` and ``megatron`` each import their framework on import; this package
-itself imports none of them. :class:`RingpackContext` is the per-batch object they share.
+``transformers``, ``trainer`` (transformers' ``Trainer``), ``trl``, ``deepspeed`` and ``megatron`` each import
+their framework on import; ``batch``, ``data``, ``hf_masks`` and ``hf_moe`` and this package itself import none.
+:class:`RingpackContext` is the per-batch object they share.
 """
 
 from ringpack.integrations.context import RingpackContext

@@ -1,10 +1,10 @@
 """Hugging Face transformers: ``attn_implementation="ringpack"`` through the public ``AttentionInterface``.
 
-Usage, per training step on every rank of the context-parallel group::
+Importing this module registers ``"ringpack"`` (``register(name)`` registers it under another name). Per
+training step, on every rank of the context-parallel group::
 
-    register()                                                  # once
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="ringpack")
-    ctx = RingpackContext(batch["cu_seqlens"], group=cp_group)  # the global pack's boundaries
+    model = prepare_model(AutoModelForCausalLM.from_config(cfg, attn_implementation="ringpack"))   # once
+    ctx = RingpackContext.from_batch(batch, group=cp_group)     # the global pack; checks the group holds it
     loss = model(**model_inputs(batch, ctx)).loss               # this rank's share of the global loss
 
 The context travels as the forward kwarg ``ringpack_context``: transformers hands a model's extra
@@ -13,6 +13,10 @@ its mask is made once per batch (:class:`~ringpack.integrations.context.Ringpack
 context, a one-rank job takes the boundaries from the ``cu_seq_lens_q``/``cu_seq_lens_k`` kwargs or
 from ``position_ids`` and plans each call; a multi-rank job must pass the context, since a shard's own
 positions cannot tell where the other ranks' documents end.
+
+Models: those whose class routes attention through ``AttentionInterface`` (``_supports_attention_backend``:
+Llama, Mistral, Qwen2/3 and their MoE variants, Gemma 1-3, Llama-4 text, ...). Others (Falcon, ...) cannot run
+ringpack; :func:`from_config`, :func:`from_pretrained` and :func:`prepare_model` say so before transformers fails.
 
 Legend: ``B`` batch rows (must be 1: one packed row), ``S`` local tokens, ``H``/``Hk`` heads, ``D`` head dim.
 """
@@ -23,24 +27,30 @@ from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
-from transformers import AttentionInterface
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
 from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from ringpack.integrations.batch import packed_batch
 from ringpack.integrations.context import RingpackContext
+from ringpack.integrations.hf_masks import ATTENTION_LAYER_TYPES, LayerMask, layer_window, probe, read_mask
+from ringpack.integrations.hf_moe import exact_aux_loss
 from ringpack.packing import IGNORE_INDEX, count_targets, position_ids_to_cu_seqlens
 
 NAME = "ringpack"
 # Attention inputs that change the scores and that ringpack does not apply: refused, never dropped.
 UNSUPPORTED_INPUTS = {"s_aux": "attention sinks", "sinks": "attention sinks", "position_bias": "a score bias",
                       "head_mask": "a head mask", "alibi_slopes": "ALiBi slopes"}
+PREPARED = "prepare_model"  # the mark a prepared model's forward leaves on the batch's context
 
 
 def register(name: str = NAME) -> str:
     """Register ringpack under ``name`` with transformers' ``AttentionInterface`` and ``AttentionMaskInterface``.
 
-    The mask hook builds no mask (documents come from the packing); it exists so that a padding mask
-    reaches ringpack and is rejected, instead of transformers dropping it for an implementation that
-    has no mask function.
+    The mask hook builds no mask (documents come from the packing): it reads what transformers asks for each
+    layer type (sliding window, chunked attention, overlays) into a ``LayerMask`` that the model hands to the
+    attention layers, and rejects a padding mask instead of transformers dropping it.
     """
     AttentionInterface.register(name, ringpack_attention_forward)
     AttentionMaskInterface.register(name, ringpack_mask)
@@ -48,42 +58,80 @@ def register(name: str = NAME) -> str:
 
 
 def ringpack_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-                  mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs) -> None:
-    """transformers mask function: accept no mask or a 2-D mask without padding, and build none."""
+                  mask_function=None, attention_mask: torch.Tensor | None = None, local_size: int | None = None,
+                  use_vmap: bool = False, config=None, **kwargs) -> LayerMask:
+    """transformers mask function: accept no mask or a 2-D mask without padding; return the layer's ``LayerMask``."""
     _check_mask(attention_mask)
-    return None
+    return read_mask(mask_function, local_size, use_vmap, config)
 
 
-def model_inputs(batch: Mapping[str, torch.Tensor], context: RingpackContext) -> dict:
-    """This rank's forward kwargs for a causal LM, from a global packed batch (``PackingCollator`` output).
+def model_inputs(batch: Mapping, context: RingpackContext, *, labels_shifted: bool | None = None) -> dict:
+    """This rank's forward kwargs for a causal LM, from a global packed batch.
 
-    Tokens are sharded with the batch's plan. The labels are already shifted per document, so they go in
-    as ``shift_labels`` (transformers then does not shift again); ``num_items_in_batch`` is the global
-    target count, so each rank's loss is its share of the global mean and the ranks' gradients add up
-    to the single-process gradient (all-reduce them with SUM over the group). ``use_cache=False``: a
-    training step has no use for a KV cache.
+    The batch may come from ringpack's ``PackingCollator`` or from transformers' ``DataCollatorWithFlattening``
+    (with or without ``return_flash_attn_kwargs``) or TRL's padding-free collator; the fields read and how
+    labels are told apart are those of :func:`ringpack.integrations.batch.packed_batch`. Targets are shifted
+    inside each document of the global pack, then sharded with the batch's plan, and go in as ``shift_labels``
+    (and ``labels``; transformers then does not shift again). ``num_items_in_batch`` is the global target count,
+    so each rank's loss is its share of the pack's mean loss and the ranks' gradients add up to the
+    single-process gradient (all-reduce them with SUM over the group). ``use_cache=False``: no KV cache.
     """
-    local = context.shard(batch)
-    inputs = {"input_ids": local["input_ids"], "position_ids": local["position_ids"], "ringpack_context": context,
-              "use_cache": False}
-    if "labels" in local:
-        inputs["labels"] = local["labels"]
-        inputs["shift_labels"] = local["labels"]
-        inputs["num_items_in_batch"] = count_targets(batch["labels"], IGNORE_INDEX)
+    pack = packed_batch(batch, labels_shifted=labels_shifted)
+    if tuple(pack["cu_seqlens"].tolist()) != context.cu_seqlens:
+        raise ValueError("the batch's document boundaries differ from the context's; make the context from this "
+                         "batch (RingpackContext.from_batch)")
+    local = context.shard(pack)
+    inputs = {k: v for k, v in local.items() if k != "cu_seqlens"}
+    inputs.update(ringpack_context=context, use_cache=False)
+    if "shift_labels" in pack:
+        inputs["labels"] = local["shift_labels"]
+        inputs["num_items_in_batch"] = count_targets(pack["shift_labels"], IGNORE_INDEX)
     return inputs
 
 
 def ringpack_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                               attention_mask: torch.Tensor | None, scaling: float | None = None,
+                               attention_mask: LayerMask | torch.Tensor | None, scaling: float | None = None,
                                dropout: float = 0.0, sliding_window: int | None = None,
                                softcap: float | None = None, ringpack_context: RingpackContext | None = None,
                                **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention function: ``query [1, H, S, D]``, ``key/value [1, Hk, S, D]`` -> ``([1, S, H, D], None)``.
 
-    The mask is per document, causal unless the module says ``is_causal = False``; ``sliding_window=w``
-    means a query sees the ``w`` most recent keys of its document, itself included (transformers'
-    convention), i.e. ``window_size=(w - 1, -1)``.
+    The mask is per document, causal unless the module says ``is_causal = False``, with the sliding window and
+    chunks of the layer's ``LayerMask`` (or the ``sliding_window`` kwarg when transformers built no mask):
+    causal ``sliding_window=w`` means a query sees the ``w`` most recent keys of its document, itself included.
     """
+    _check_inputs(query, key, dropout, kwargs)
+    mask = attention_mask if isinstance(attention_mask, LayerMask) else None
+    if mask is None:
+        _check_mask(attention_mask)
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
+    window = layer_window(mask, sliding_window, causal)
+    chunk = mask.chunk_size if mask is not None else None
+    context = ringpack_context if ringpack_context is not None else _one_rank_context(query.shape[2], kwargs)
+    _check_model_state(module, context)
+    if mask is not None:
+        seen = kwargs.get("position_ids")
+        layout = context.plan()
+        probe(mask, layout, context.rank, layout.position_ids(context.rank) if seen is None else seen,
+              causal=causal, window=window, chunk=chunk)
+    query, key, value = _autocast(query, key, value)
+    out_SHD = context.attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                                causal=causal, window_size=window, softmax_scale=scaling,
+                                softcap=float(softcap or 0.0), chunk_size=chunk)
+    return out_SHD[None], None
+
+
+def _autocast(*qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast, q/k/v arrive in mixed dtypes (rotary embeddings upcast q and k): run in autocast's dtype."""
+    device = qkv[0].device.type
+    if len({t.dtype for t in qkv}) > 1 and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return tuple(t.to(dtype) for t in qkv)
+    return qkv
+
+
+def _check_inputs(query: torch.Tensor, key: torch.Tensor, dropout: float, kwargs: dict) -> None:
     if dropout:
         raise ValueError(f"attention dropout={dropout} is not supported by ringpack (exact attention); set the "
                          "config's attention_dropout to 0.0 or run the model in eval mode")
@@ -101,16 +149,27 @@ def ringpack_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         raise ValueError(f"ringpack attention computes self-attention over the packed tokens, but there are "
                          f"{key.shape[2]} keys for {query.shape[2]} queries (a KV cache?); call the model with "
                          "use_cache=False")
-    _check_mask(attention_mask)
-    causal = kwargs.get("is_causal")
-    causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be None or an integer >= 1, got {sliding_window!r}")
-    window = (-1, -1) if sliding_window is None else (sliding_window - 1, -1 if causal else sliding_window - 1)
-    context = ringpack_context if ringpack_context is not None else _one_rank_context(query.shape[2], kwargs)
-    out_SHD = context.attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-                                causal=causal, window_size=window, softmax_scale=scaling, softcap=float(softcap or 0.0))
-    return out_SHD[None], None
+
+
+def _check_model_state(module: torch.nn.Module, context: RingpackContext) -> None:
+    """Refuse what a shard cannot compute alone: terms of the whole pack the model adds outside attention."""
+    if context.world_size == 1:
+        return
+    config = getattr(module, "config", None)
+    if getattr(config, "output_router_logits", False) and PREPARED not in context.marks:
+        raise ValueError("this MoE model adds a router auxiliary loss over its input tokens, which ringpack makes "
+                         "exact over the context-parallel group only for a prepared model: call "
+                         "ringpack.integrations.transformers.prepare_model(model) once")
+    # Llama-4's NoPE layers scale queries by a function of the row index (not of position_ids), which is 1
+    # below floor_scale tokens; beyond, a shard would scale by its own row indices instead of the pack's.
+    floor = getattr(module, "floor_scale", None)
+    if getattr(module, "attn_temperature_tuning", False) and not getattr(module, "use_rope", True) \
+            and floor is not None and context.cu_seqlens[-1] >= floor:
+        raise ValueError(f"this layer scales queries by their row index in the packed row (attn_temperature_tuning "
+                         f"of a NoPE layer), which differs from 1 from row {floor - 1} on; the pack has "
+                         f"{context.cu_seqlens[-1]} tokens over {context.world_size} ranks, and a rank's shard does "
+                         "not hold its rows' indices. Use packs shorter than floor_scale or attn_temperature_tuning="
+                         "False")
 
 
 def _check_mask(attention_mask) -> None:
@@ -146,3 +205,73 @@ def _one_rank_context(tokens: int, kwargs: dict) -> RingpackContext:
         raise ValueError(f"the document boundaries cover {context.cu_seqlens[-1]} tokens but the attention input "
                          f"has {tokens}")
     return context
+
+
+def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Check that ``model`` runs ringpack attention, and make its pack-wide loss terms exact over the group.
+
+    Raises a ValueError for a model whose class does not call attention through ``AttentionInterface`` and
+    for one built with another ``attn_implementation``. Installs (once) forward hooks that, in a multi-rank
+    forward with a ``ringpack_context``, refuse layers that mix tokens outside attention (linear-attention or
+    convolution layers: a shard would mix only its own tokens) and replace a MoE model's per-rank router
+    auxiliary loss by this rank's share of the pack's (``hf_moe.exact_aux_loss``). Returns ``model``.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
+    check_model_class(type(base))
+    implementation = getattr(base.config, "_attn_implementation", None)
+    if not isinstance(implementation, str) or implementation not in ALL_ATTENTION_FUNCTIONS.valid_keys() \
+            or ALL_ATTENTION_FUNCTIONS[implementation] is not ringpack_attention_forward:
+        raise ValueError(f"{type(base).__name__} runs attn_implementation={implementation!r}, not ringpack: build "
+                         f"it with attn_implementation={NAME!r} (registered by importing "
+                         "ringpack.integrations.transformers, or by its register()) or call "
+                         f"model.set_attn_implementation({NAME!r})")
+    if not getattr(base, "_ringpack_hooks", None):
+        base._ringpack_hooks = (base.register_forward_pre_hook(_before_forward, with_kwargs=True),
+                                base.register_forward_hook(_after_forward, with_kwargs=True))
+    return model
+
+
+def check_model_class(cls: type) -> None:
+    """Raise a ValueError naming ``cls`` unless it routes attention through transformers' ``AttentionInterface``."""
+    if not getattr(cls, "_supports_attention_backend", False):
+        raise ValueError(f"{cls.__name__} does not call attention through transformers' AttentionInterface, so "
+                         "ringpack cannot run inside it; ringpack runs models whose class sets "
+                         "_supports_attention_backend (Llama, Mistral, Qwen2/3, Gemma, Mixtral, Llama-4, ...)")
+
+
+def from_config(config, **kwargs) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_config(config, attn_implementation="ringpack")``, checked and prepared."""
+    check_model_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
+    return prepare_model(AutoModelForCausalLM.from_config(config, attn_implementation=NAME, **kwargs))
+
+
+def from_pretrained(name_or_path: str, **kwargs) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(..., attn_implementation="ringpack")``, checked and prepared."""
+    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(name_or_path)
+    check_model_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
+    return prepare_model(AutoModelForCausalLM.from_pretrained(name_or_path, config=config, attn_implementation=NAME,
+                                                              **kwargs))
+
+
+def _before_forward(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    context = kwargs.get("ringpack_context")
+    if context is None or context.world_size == 1:
+        return
+    other = sorted(set(getattr(model.config, "layer_types", None) or ()) - set(ATTENTION_LAYER_TYPES))
+    if other:
+        raise ValueError(f"{type(model).__name__} has {', '.join(other)} layers, which mix tokens outside attention: "
+                         "on a context-parallel shard they would see only this rank's tokens. ringpack runs models "
+                         f"whose layers are {', '.join(ATTENTION_LAYER_TYPES)} only")
+    context.marks.add(PREPARED)
+
+
+def _after_forward(model: torch.nn.Module, args: tuple, kwargs: dict, output):
+    context = kwargs.get("ringpack_context")
+    if context is None or context.world_size == 1:
+        return output
+    if getattr(output, "aux_loss", None) is not None and getattr(output, "router_logits", None) is not None:
+        exact_aux_loss(model, output, context)
+    return output
+
+
+register()
