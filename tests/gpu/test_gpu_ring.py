@@ -43,15 +43,30 @@ def gpu_cases() -> list[Case]:
             for dtype in ("bfloat16", "float16"):
                 cases.append(Case(MIX, strategy, causal, window, dtype=dtype, backend="auto", **SHAPE))
             cases.append(Case(MIX, strategy, causal, window, dtype="bfloat16", backend="torch_flash", **SHAPE))
+            for dtype in ("bfloat16", "float16"):
+                cases.append(Case(MIX, strategy, causal, window, dtype=dtype, backend="flash_attn_4", **SHAPE))
         for dtype in ("bfloat16", "float16"):
             cases.append(Case(ONE_DOC, strategy, True, (-1, -1), dtype=dtype, backend="auto", **SHAPE))
         for causal in (True, False):
             cases.append(Case(CUDNN_MIX, strategy, causal, (-1, -1), dtype="bfloat16", backend="cudnn", **SHAPE))
         for causal, window in ((True, (-1, -1)), (False, (100, 50))):
             cases.append(Case(MIX, strategy, causal, window, dtype="bfloat16", backend="flex", **SHAPE))
-    # softcap: no fused backend takes it on this torch (flex declines it), so auto runs the reference kernel
+    # softcap: FlashAttention-4 takes it where installed (auto gives it to it), else auto runs the reference kernel
     cases.append(Case(MIX, "balanced", True, (-1, -1), dtype="bfloat16", backend="auto", softcap=30.0, **SHAPE))
+    for strategy in STRATEGIES:
+        cases.append(Case(MIX, strategy, True, (256, -1), dtype="bfloat16", backend="flash_attn_4", softcap=30.0,
+                          **SHAPE))
+    # FlashAttention-4 runs where flash-attn-4 is installed on a Hopper or Blackwell GPU; its cases are left out
+    # elsewhere (test_fa4_... below skips and says why)
+    cases = [c for c in cases if c.backend != "flash_attn_4" or _fa4_available()]
     return sorted(cases, key=lambda c: c.backend == "cudnn")  # stable; cudnn last
+
+
+def _fa4_available() -> bool:
+    from ringpack.backends.flash_attn_4 import FlashAttn4Backend
+    spec = AttnSpec("cuda", torch.bfloat16, SHAPE["head_dim"], SHAPE["heads"], SHAPE["kv_heads"], True, True, True,
+                    True)
+    return torch.cuda.is_available() and not FlashAttn4Backend().not_supported_reasons(spec)
 
 
 def _run(cases: list[Case]) -> list[tuple[str, str, dict, dict]]:
@@ -148,10 +163,12 @@ def test_thread_ranks_float64_cpu(world):
 
 
 @needs_cuda
-@pytest.mark.parametrize("backend", ["auto", "torch_flash", "flex", "cudnn"])
+@pytest.mark.parametrize("backend", ["auto", "torch_flash", "flex", "cudnn", "flash_attn_4"])
 @pytest.mark.parametrize("world", [2, 3])
 def test_thread_ranks_one_gpu_real_kernels(world, backend):
     """2 and 3 ranks as threads on one GPU, every strategy, mask and dtype, forward and backward."""
+    if backend == "flash_attn_4" and not _fa4_available():
+        pytest.skip("flash-attn-4 is not installed or this GPU is not Hopper/Blackwell")
     failed = []
     for case in gpu_cases():
         if case.backend != backend:
@@ -165,3 +182,37 @@ def test_thread_ranks_one_gpu_real_kernels(world, backend):
         if r.reason:
             failed.append(f"{case.label}: {r.reason} (ratio {r.error_ratio:.2f})")
     assert not failed, "\n".join(failed)
+
+
+def _fa4_compiled() -> int:
+    """Kernels FlashAttention-4 has compiled in this process (every cache of its interface module)."""
+    from flash_attn.cute import interface
+    return sum(len(fn.compile_cache.cache) for fn in vars(interface).values()
+               if hasattr(getattr(fn, "compile_cache", None), "cache"))
+
+
+@needs_cuda
+def test_fa4_new_packings_compile_nothing_after_warmup():
+    """``ringpack.warmup`` compiles every kernel class of a configuration: packings it never saw (other documents,
+    other strategies and world sizes, cut diagonals, windows) then run without compiling (FA4 compiles 3-6 s per
+    class). Prints the warmup's time, the first-call cost a user pays before step 1."""
+    import random
+
+    import ringpack
+    from ringpack.backends.flash_attn_4 import FlashAttn4Backend
+    for causal, window in ((True, (-1, -1)), (True, (300, -1))):
+        spec = AttnSpec("cuda", torch.bfloat16, 64, 8, 2, causal, window != (-1, -1), False, True)
+        if FlashAttn4Backend().not_supported_reasons(spec):
+            pytest.skip(f"flash_attn_4: {FlashAttn4Backend().not_supported_reasons(spec)}")
+        seconds = ringpack.warmup(heads=8, kv_heads=2, head_dim=64, dtype=torch.bfloat16, causal=causal,
+                                  window_size=window, lse_grad=True, backend="flash_attn_4")
+        before = _fa4_compiled()
+        rng = random.Random(0)
+        for _ in range(6):
+            lengths = [rng.choice((1, 7, 130, 900, 2500)) for _ in range(rng.randint(1, 8))]
+            case = Case(tuple(lengths), rng.choice(STRATEGIES), causal, window, dtype="bfloat16",
+                        backend="flash_attn_4", **SHAPE)
+            result = threaded_case(case, rng.randint(1, 3), "cuda")
+            assert result.ok, result.reason
+        print(f"fa4 warmup causal={causal} window={window}: {seconds:.1f} s, {before} kernels", flush=True)
+        assert _fa4_compiled() == before, "a new packing compiled a kernel the warmup did not"
