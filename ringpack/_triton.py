@@ -56,7 +56,10 @@ if triton is not None:
         at = acc + t * acc_st + h[:, None] * acc_sh + d[None, :]
         old = tl.load(at, mask=cell & (la != float("-inf"))[:, None], other=0.0).to(tl.float32)
         new = tl.load(b + t * b_st + h[:, None] * b_sh + d[None, :], mask=cell, other=0.0).to(tl.float32)
-        tl.store(at, ((wa * inv)[:, None] * old + (wb * inv)[:, None] * new).to(at.dtype.element_ty), mask=cell)
+        # one explicit fma, so that the fp32 and the 16-bit accumulator's kernels round the same value (a 16-bit row
+        # is then bitwise the fp32 one rounded once), whatever the compiler would contract
+        mixed = tl.fma((wa * inv)[:, None], old, (wb * inv)[:, None] * new)
+        tl.store(at, mixed.to(at.dtype.element_ty), mask=cell)
         tl.store(lacc + h * lacc_sh + t * lacc_st, hi + _math.log(total), mask=h_ok)
 
     @triton.jit

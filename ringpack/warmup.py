@@ -23,10 +23,16 @@ from ringpack.plan import make_plan, validate_window
 from ringpack.schedule import prefix_sums
 from ringpack.validation import boolean, integer, real
 
-# Documents of the synthetic packs: one long enough that its zigzag chunks are several kernel blocks, and small
-# ones, so that tiles of every size (one token, one block, many blocks) and every class of the mask run.
-LENGTHS = ((1024,), (96, 33, 5, 2, 1))
+# The synthetic packs: one document whose zigzag chunks are several kernel blocks and longer than the window (so
+# that a chunk's tiles are bounded by it on either side), and small ones, so that tiles of every size and every
+# class of the mask run.
 WORLD = 3
+SMALL = (96, 33, 5, 2, 1)
+
+
+def _lengths(window: tuple[int, int]) -> tuple[tuple[int, ...], ...]:
+    chunk = max(512, 2 * max(window) + 64)
+    return (2 * WORLD * chunk,), SMALL
 
 
 def warmup(*, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype = torch.bfloat16, causal: bool = True,
@@ -48,7 +54,7 @@ def warmup(*, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype = tor
     impl = select_backend(backend, spec)
     start = time.perf_counter()
     gen = torch.Generator(device=device).manual_seed(0)
-    for lengths in LENGTHS:
+    for lengths in _lengths(window):
         plan = make_plan(prefix_sums(lengths), WORLD, strategy="zigzag", causal=causal, window_size=window)
         for rank in range(WORLD):
             for step in plan.steps[rank]:

@@ -1,7 +1,7 @@
 """``auto``: each tile to the kernel measured fastest for its class, among the backends that support the request.
 
-Legend: as in ``base``. A tile's class is its shape kind (*dense*: full, or square and plain causal; else a band)
-and its size in visible pairs. ``RULES`` give classes to kernels, from the per-tile measurements committed under
+Legend: as in ``base``. A tile's class is its shape kind (*full*; *causal*: square and plain causal; else a band)
+and its size in query x key cells. ``RULES`` give classes to kernels, from the per-tile measurements committed under
 ``benchmarks/results/`` (``benchmarks/tile_kernels.py``); a tile no rule claims goes to the first backend, in
 preference order, that no rule names and that runs it. The tiles of one backend form a sub-wave run in as few calls
 as that backend allows; sub-waves have disjoint query rows, so their pieces simply follow each other.
@@ -22,17 +22,29 @@ class Rule:
     """Tiles of one class go to ``backend`` (when it supports the request and runs the tile)."""
 
     backend: str
-    dense: bool = False  # only full tiles and plain causal squares
-    min_pairs: int = 0
-    max_pairs: int = sys.maxsize
+    kind: str = "any"  # "full", "causal" (a plain causal square), "dense" (either) or "any"
+    min_area: int = 0  # in query x key cells, q_len * k_len
+    max_area: int = sys.maxsize
 
     def claims(self, tile: Tile) -> bool:
-        return (not self.dense or tile.full or tile.causal_square) and self.min_pairs <= tile.pairs <= self.max_pairs
+        kind = {"any": True, "full": tile.full, "causal": tile.causal_square,
+                "dense": tile.full or tile.causal_square}[self.kind]
+        return kind and self.min_area <= tile.q_len * tile.k_len <= self.max_area
 
 
-# 1x H200, torch 2.11 (benchmarks/results/2026-12-01b-h200/tiles.md): cuDNN's dense kernel beats FA2 varlen from
-# about 2048 x 2048 pairs; below it the per-call cost outweighs it and FA2 runs many small tiles in one call.
-RULES = (Rule("cudnn", dense=True, min_pairs=2048 * 2048),)
+# The rules for each kernel that runs the other tiles (auto's first general backend), from the per-tile
+# measurements of benchmarks/tile_kernels.py on 1x H200 (torch 2.11, cuDNN 9.19, flash-attn-4 4.0.0b36):
+# - FA2 varlen runs the rest: cuDNN's dense kernel is faster from 2048 x 2048 cells (2026-12-01b-h200/tiles.md);
+#   below it the per-call cost outweighs it and FA2 runs many small tiles in one call.
+# - FlashAttention-4 runs the rest: cuDNN keeps full tiles from 2048 x 2048 and causal squares up to 16384
+#   (it is faster there), FA4 takes larger causal squares, windows, softcap and every varlen pack
+#   (2026-12-02-h200/tiles.md).
+RULES: dict[str, tuple[Rule, ...]] = {
+    "torch_flash": (Rule("cudnn", "dense", min_area=2048 * 2048),),
+    "flash_attn": (Rule("cudnn", "dense", min_area=2048 * 2048),),
+    "flash_attn_4": (Rule("cudnn", "full", min_area=2048 * 2048),
+                     Rule("cudnn", "causal", min_area=2048 * 2048, max_area=16384 * 16384)),
+}
 
 
 class AutoBackend(Backend):
@@ -40,9 +52,11 @@ class AutoBackend(Backend):
 
     name = "auto"
 
-    def __init__(self, backends: list[Backend], rules: tuple[Rule, ...] = RULES):
+    def __init__(self, backends: list[Backend], rules: tuple[Rule, ...] | None = None):
         if not backends:
             raise ValueError("auto needs at least one backend")
+        if rules is None:  # the measured rules against the first backend that could run the rest
+            rules = next((RULES[b.name] for b in backends if b.name in RULES), ())
         named = {r.backend for r in rules}
         self.rules = tuple(r for r in rules if any(b.name == r.backend for b in backends))
         general = [b for b in backends if b.name not in named] or backends[-1:]

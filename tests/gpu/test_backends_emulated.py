@@ -41,9 +41,9 @@ def _cudnn(fwd=cudnn_fwd, bwd=cudnn_bwd):
 
 
 def _auto(min_dense_pairs: int, *backends):
-    """auto over emulated kernels, with dense tiles of at least ``min_dense_pairs`` pairs given to cudnn."""
-    return AutoBackend(list(backends) or [_cudnn(), _flash()], rules=(Rule("cudnn", dense=True,
-                                                                             min_pairs=min_dense_pairs),))
+    """auto over emulated kernels, with dense tiles of at least ``min_dense_pairs`` cells given to cudnn."""
+    return AutoBackend(list(backends) or [_cudnn(), _flash()], rules=(Rule("cudnn", "dense",
+                                                                             min_area=min_dense_pairs),))
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -116,7 +116,7 @@ def test_auto_split_between_cudnn_and_flash():
     from ringpack.backends.auto import AutoBackend, Rule
     from ringpack.backends.cudnn import CudnnBackend
     from ringpack.backends.torch_flash import TorchFlashBackend
-    auto = AutoBackend([CudnnBackend(), TorchFlashBackend()], rules=(Rule("cudnn", dense=True, min_pairs=300 * 300),))
+    auto = AutoBackend([CudnnBackend(), TorchFlashBackend()], rules=(Rule("cudnn", "dense", min_area=300 * 300),))
     cases = [Case(MIX, s, c, (-1, -1), dtype=d, backend=auto, **SHAPE)
              for s in ("balanced", "contiguous") for c in (True, False) for d in ("bfloat16", "float16")]
     _assert_all_ok(_run(cases))
