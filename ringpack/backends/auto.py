@@ -36,19 +36,19 @@ class Rule:
 # measurements of benchmarks/tile_kernels.py on 1x H200 (torch 2.11, cuDNN 9.19, flash-attn-4 4.0.0b36):
 # - FA2 varlen runs the rest: cuDNN's dense kernel is faster from 2048 x 2048 cells (2026-12-01b-h200/tiles.md);
 #   below it the per-call cost outweighs it and FA2 runs many small tiles in one call.
-# - FlashAttention-4 runs the rest: cuDNN keeps full tiles from 2048 x 2048 and causal squares up to 16384
-#   (it is faster there), FA4 takes larger causal squares, windows, softcap and every varlen pack
-#   (2026-12-02-h200/tiles.md).
+# - FlashAttention-4 runs everything: forward + backward it beat cuDNN on every tile class measured, full and causal,
+#   8k to 64k, packs of 8k and 2k documents and the long tail (1.06x to 1.20x), except packs of equal 512-token
+#   documents, which cuDNN batches 7% faster (2026-12-02-h200/tiles.md); a tile alone cannot tell such a pack from
+#   the long tail's short documents, where one FA4 call beats many cuDNN ones.
 RULES: dict[str, tuple[Rule, ...]] = {
     "torch_flash": (Rule("cudnn", "dense", min_area=2048 * 2048),),
     "flash_attn": (Rule("cudnn", "dense", min_area=2048 * 2048),),
-    "flash_attn_4": (Rule("cudnn", "full", min_area=2048 * 2048),
-                     Rule("cudnn", "causal", min_area=2048 * 2048, max_area=16384 * 16384)),
+    "flash_attn_4": (),
 }
 
 
 class AutoBackend(Backend):
-    """Runs each tile on the backend that ``rules`` give its class, else on the first general backend that runs it."""
+    """Runs each tile on the backend that ``rules`` give its class, else on the first backend that runs every tile."""
 
     name = "auto"
 
@@ -59,11 +59,11 @@ class AutoBackend(Backend):
             rules = next((RULES[b.name] for b in backends if b.name in RULES), ())
         named = {r.backend for r in rules}
         self.rules = tuple(r for r in rules if any(b.name == r.backend for b in backends))
-        general = [b for b in backends if b.name not in named] or backends[-1:]
-        # Backends after the first general one that runs every tile never get a tile, and must not decide what auto
-        # promises (on a GPU: flex and the reference stay unused behind torch_flash).
-        last = next((i for i, b in enumerate(general) if b.RUNS_EVERY_TILE), len(general) - 1)
-        self.general = general[:last + 1]
+        # A backend that runs only some tiles (cuDNN) gets them through a rule only; the first backend that runs every
+        # tile takes the rest, and those after it never get a tile, so they must not decide what auto promises (on a
+        # GPU: flex and the reference stay unused behind torch_flash or flash_attn_4).
+        general = [b for b in backends if b.name not in named and b.RUNS_EVERY_TILE] or backends[-1:]
+        self.general = general[:1]
         self.backends = [b for b in backends if b.name in {r.backend for r in self.rules}] + self.general
         self.EXACT_16BIT_GRADS = all(b.EXACT_16BIT_GRADS for b in self.backends)
 
@@ -77,7 +77,7 @@ class AutoBackend(Backend):
                 backend = next(b for b in self.backends if b.name == rule.backend)
                 if backend.runs_tile(tile):
                     return backend
-        return next((b for b in self.general if b.runs_tile(tile)), self.general[-1])
+        return self.general[0]
 
     def split(self, wave: Wave) -> tuple[tuple[Backend, Wave], ...]:
         """``(backend, sub-wave)`` pairs covering ``wave``'s tiles, in the order of ``backends``."""

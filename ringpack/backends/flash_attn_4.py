@@ -23,6 +23,7 @@ import importlib
 import importlib.metadata
 import inspect
 import re
+import threading
 from collections.abc import Callable
 
 import torch
@@ -32,6 +33,10 @@ from ringpack.backends.flash_attn import release
 from ringpack.backends.varlen import VarlenGroup, call_keys, cu_seqlens_on, varlen_groups
 from ringpack.schedule import Wave
 
+# The CuTe DSL compiles a kernel class on its first call, and two threads compiling at once abort the process
+# ("An MLIR function requires a Location", seen on an H200 with ranks as threads of one process). Calls only enqueue
+# kernels once compiled, so holding a lock around them costs no device time.
+_LOCK = threading.Lock()
 SUPPORTED = ">=4.0.0b36,<4.1"  # setup.py's ``fa4`` extra pins the same
 FWD_KEYWORDS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale",
                 "causal", "softcap", "window_size_left", "window_size_right", "return_lse")
@@ -124,10 +129,11 @@ class FlashAttn4Backend(Backend):
         fwd = self._kernels()[0]
         for g in varlen_groups(wave):
             cu_q, cu_k = cu_seqlens_on(g, q.device)
-            res = fwd(q=q, k=call_keys(k_hull, g), v=call_keys(v_hull, g), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                      max_seqlen_q=g.max_q, max_seqlen_k=g.max_k, softmax_scale=scale, causal=False,
-                      softcap=softcap, window_size_left=_side(g.left), window_size_right=_side(g.right),
-                      return_lse=True)
+            with _LOCK:
+                res = fwd(q=q, k=call_keys(k_hull, g), v=call_keys(v_hull, g), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                          max_seqlen_q=g.max_q, max_seqlen_k=g.max_k, softmax_scale=scale, causal=False,
+                          softcap=softcap, window_size_left=_side(g.left), window_size_right=_side(g.right),
+                          return_lse=True)
             yield FwdPiece(slice(q0, q1), res[0], res[1])
 
     def backward(self, dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN, wave: Wave, *, scale, softcap):
@@ -141,10 +147,11 @@ class FlashAttn4Backend(Backend):
             cu_q, cu_k = cu_seqlens_on(g, q.device)
             k, v = call_keys(k_hull, g), call_keys(v_hull, g)
             dk, dv = _key_grads(k, v, g)
-            dq, dk, dv = bwd(q=q, k=k, v=v, out=out, dout=dout, lse=lse, softmax_scale=scale, causal=False,
-                             softcap=softcap, window_size_left=_side(g.left), window_size_right=_side(g.right),
-                             cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=g.max_q, max_seqlen_k=g.max_k, dq=None,
-                             dk=dk, dv=dv, dlse=dlse)[:3]
+            with _LOCK:
+                dq, dk, dv = bwd(q=q, k=k, v=v, out=out, dout=dout, lse=lse, softmax_scale=scale, causal=False,
+                                 softcap=softcap, window_size_left=_side(g.left), window_size_right=_side(g.right),
+                                 cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=g.max_q, max_seqlen_k=g.max_k,
+                                 dq=None, dk=dk, dv=dv, dlse=dlse)[:3]
             yield BwdPiece(slice(q0, q1), g.keys(k0), dq, dk, dv)
 
 
