@@ -1,12 +1,14 @@
 """``warmup``: compile and load, before the first training step, every kernel a model's ring calls will use.
 
-Some kernels compile on their first call for each *class* of tile (FlashAttention-4: 3-6 s per mask kind, head
-dim, dtype, GQA ratio and softcap on an H200; FlexAttention: tens of seconds), and cuDNN builds a graph per shape.
-Unwarmed, that cost lands in step 1, or in the first batch whose packing holds a tile of a new class. The tiles of
-any plan are pieces of documents against pieces of the same documents under one mask, so a small synthetic pack cut
-zigzag-wise over a few ranks holds every class a mask can produce: full tiles, causal squares, and the band tiles of
-a window or of a cut diagonal. ``warmup`` runs the backend's forward and backward once on each of those tiles, on
-this device, with no communication. A new packing of the same configuration then compiles nothing.
+Some kernels compile on their first call for each *class* of tile (FlashAttention-4: about 2-6 s per mask kind,
+head dim, dtype, GQA ratio and softcap on an H200; FlexAttention: tens of seconds), and cuDNN builds a graph per
+shape. Unwarmed, that cost lands in step 1, or in the first batch whose packing holds a tile of a new class. The
+tiles of any plan are pieces of documents against pieces of the same documents under one mask, so a synthetic pack
+cut zigzag-wise over a few ranks, in chunks longer than the window, holds every class a mask can produce: full
+tiles, plain causal ones, and bands bounded on the left, the right or both. Kernels also specialise on sizes (FA4's
+backward on a call that fits one block of rows or of keys, its schedulers on calls of more than 256 sequences), so
+each class then runs alone at one-block and many-block sizes, and as a call of 300 small tiles. ``warmup`` runs the
+backend's forward and backward once on each, on this device, with no communication.
 """
 
 from __future__ import annotations
@@ -20,19 +22,50 @@ from ringpack import accumulate
 from ringpack.backends import AttnSpec, Backend, select_backend
 from ringpack.merge import accumulation_dtype
 from ringpack.plan import make_plan, validate_window
-from ringpack.schedule import prefix_sums
+from ringpack.schedule import Tile, Wave, band_tile, prefix_sums
 from ringpack.validation import boolean, integer, real
 
-# The synthetic packs: one document whose zigzag chunks are several kernel blocks and longer than the window (so
-# that a chunk's tiles are bounded by it on either side), and small ones, so that tiles of every size and every
-# class of the mask run.
+# The synthetic pack: one document cut zigzag-wise over WORLD ranks, in chunks longer than the window (so that a
+# chunk's tiles are bounded by it on either side), and short ones (so that small tiles of every class appear).
 WORLD = 3
-SMALL = (96, 33, 5, 2, 1)
+SHORT = (96, 33, 5, 2, 1)
+SIZES = ((16, 16), (16, 512), (512, 16), (512, 512))  # one block and many, of rows and of keys
+MANY = 300  # tiles in one call: past FA4's 256-sequence scheduler switch
 
 
-def _lengths(window: tuple[int, int]) -> tuple[tuple[int, ...], ...]:
+def tile_class(tile: Tile) -> tuple[bool, int]:
+    """What kernels specialise a tile's mask on: a bounded left side, and the right side unbounded (-1), 0, or
+    bounded further (1)."""
+    return tile.left >= 0, min(tile.right, 1)
+
+
+def class_tile(kind: tuple[bool, int], q_len: int, k_len: int) -> Tile | None:
+    """A ``q_len`` x ``k_len`` tile of class ``kind``, or None when that size cannot have it."""
+    bounded_left, right = kind
+    shift = k_len - q_len
+    lo = shift - min(q_len, k_len) // 2 if bounded_left else 1 - q_len
+    hi = k_len - 1 if right < 0 else shift + (0 if right == 0 else 1)
+    t = band_tile(0, q_len, 0, k_len, lo, hi)
+    return t if t is not None and (t.q_len, t.k_len) == (q_len, k_len) and tile_class(t) == kind else None
+
+
+def warmup_waves(causal: bool, window: tuple[int, int]) -> list[tuple[Wave, int]]:
+    """``(wave, key rows)`` covering every class of tile the mask produces, at every size a kernel specialises on."""
     chunk = max(512, 2 * max(window) + 64)
-    return (2 * WORLD * chunk,), SMALL
+    lengths = (2 * WORLD * chunk, *SHORT)
+    plan = make_plan(prefix_sums(lengths), WORLD, strategy="zigzag", causal=causal, window_size=window)
+    kinds = sorted({tile_class(t) for steps in plan.steps for step in steps for t in step.tiles})
+    waves = []
+    for kind in kinds:
+        for q_len, k_len in SIZES:
+            t = class_tile(kind, q_len, k_len)
+            if t is not None:
+                waves.append((Wave.of((t,)), k_len))
+        small = class_tile(kind, 16, 16) or class_tile(kind, 1, 1)
+        if small is not None:
+            n = small.q_len
+            waves.append((Wave.of(tuple(small._replace(q_start=i * n) for i in range(MANY))), small.k_len))
+    return waves
 
 
 def warmup(*, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype = torch.bfloat16, causal: bool = True,
@@ -54,35 +87,26 @@ def warmup(*, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype = tor
     impl = select_backend(backend, spec)
     start = time.perf_counter()
     gen = torch.Generator(device=device).manual_seed(0)
-    for lengths in _lengths(window):
-        plan = make_plan(prefix_sums(lengths), WORLD, strategy="zigzag", causal=causal, window_size=window)
-        for rank in range(WORLD):
-            for step in plan.steps[rank]:
-                rows = plan.num_tokens[rank]
-                keys = step.recv_tokens if step.recv_runs else plan.num_tokens[step.source]
-                _run_step(impl, step, rows, keys, spec, dtype, device, gen, softcap)
+    for wave, keys in warmup_waves(causal, window):
+        _run_wave(impl, wave, keys, spec, dtype, device, gen, softcap)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
-def _run_step(impl: Backend, step, rows: int, keys: int, spec: AttnSpec, dtype, device, gen, softcap) -> None:
-    """One step's waves on random inputs: the forward's pieces merged, then the backward against them."""
-    if not step.waves:
-        return
-
+def _run_wave(impl: Backend, wave: Wave, keys: int, spec: AttnSpec, dtype, device, gen, softcap) -> None:
+    """One wave on random inputs: the forward's pieces merged, then the backward against them."""
     def draw(n, h):
         return torch.randn(n, h, spec.head_dim, device=device, dtype=torch.float32, generator=gen).to(dtype)
 
+    rows = wave.q_span[1]
     q, dout, k, v = draw(rows, spec.num_heads), draw(rows, spec.num_heads), draw(keys, spec.num_kv_heads), \
         draw(keys, spec.num_kv_heads)
     scale = 1.0 / math.sqrt(spec.head_dim)
     acc = accumulate.Softmax(q, accumulation_dtype(dtype))
-    for wave in step.waves:
-        for piece in impl.forward(q, k, v, wave, scale=scale, softcap=softcap):
-            acc.add(*piece)
+    for piece in impl.forward(q, k, v, wave, scale=scale, softcap=softcap):
+        acc.add(*piece)
     out, lse = acc.result()
     dlse = torch.zeros_like(lse) if spec.lse_grad else None
-    for wave in step.waves:
-        for _ in impl.backward(dout, q, k, v, out, lse, dlse, wave, scale=scale, softcap=softcap):
-            pass
+    for _ in impl.backward(dout, q, k, v, out, lse, dlse, wave, scale=scale, softcap=softcap):
+        pass

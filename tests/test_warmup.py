@@ -1,9 +1,12 @@
-"""``ringpack.warmup`` runs every class of tile a mask can produce, so that no packing compiles a kernel later.
+"""``ringpack.warmup`` runs every class of tile a mask can produce, at every size kernels specialise on, so that no
+packing compiles a kernel later.
 
 A kernel that compiles per tile class (FlashAttention-4: mask kind and window sides; flex) would otherwise compile in
 the first batch that holds a new class, mid-training. The classes here are what such kernels specialise on: full,
-plain causal, and a band bounded on the left, on the right, or both. Checked against the tiles of many random
-packings, strategies and world sizes of the same mask (the GPU test counts FA4's compiled kernels directly).
+plain causal, and a band bounded on the left, on the right, or both; and FA4 also specialises on a call that fits one
+block of rows or keys, and on calls of more than 256 sequences (seen on an H200: a warmup without these left kernels
+to compile). Checked against the tiles of many random packings, strategies and world sizes of the same mask (the GPU
+test counts FA4's compiled kernels directly).
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ def tile_class(tile) -> tuple[bool, bool, bool]:
 
 class Recording(ReferenceBackend):
     def __init__(self):
-        self.classes = set()
+        self.classes, self.calls = set(), set()
 
     def forward(self, q, k, v, wave, **kw):
         self.classes.update(tile_class(t) for t in wave.tiles)
+        one_block_q, one_block_k = max(t.q_len for t in wave.tiles) <= 64, max(t.k_len for t in wave.tiles) <= 128
+        self.calls.update((tile_class(t), one_block_q, one_block_k, len(wave.tiles) > 256) for t in wave.tiles)
         return super().forward(q, k, v, wave, **kw)
 
 
@@ -46,6 +51,8 @@ def test_warmup_runs_every_tile_class_of_the_mask(causal, window):
                                   window_size=window)
         seen.update(tile_class(t) for steps in plan.steps for step in steps for t in step.tiles)
     assert seen <= recording.classes, f"classes no warmup ran: {seen - recording.classes}"
+    for kind in recording.classes:  # each class alone in one block and in many, and in a call of many sequences
+        assert (kind, False, False, False) in recording.calls and (kind, True, True, True) in recording.calls, kind
 
 
 def test_warmup_refuses_bad_arguments():
