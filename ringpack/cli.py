@@ -286,14 +286,20 @@ def _spawned(local_rank: int, world: int, init_file: str, args: argparse.Namespa
         sys.exit(status)
 
 
-def _check_output(args: argparse.Namespace) -> None:
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise ValueError(f"--json {args.json}: folder {Path(args.json).resolve().parent} does not exist")
+def check_output_file(option: str, path: str | None) -> None:
+    """A ValueError naming ``option`` unless ``path`` (when given) can be written: its folder exists and it is no
+    folder itself (found before the work, not as a traceback after it)."""
+    if path is None:
+        return
+    if Path(path).is_dir():
+        raise ValueError(f"{option} {path}: is a folder; give a file name")
+    if not Path(path).resolve().parent.is_dir():
+        raise ValueError(f"{option} {path}: folder {Path(path).resolve().parent} does not exist")
 
 
 def run_check(args: argparse.Namespace) -> int:
     try:
-        _check_output(args)
+        check_output_file("--json", args.json)
         if distributed.launched():
             groups = distributed.init_distributed(device=args.device, timeout_s=args.timeout)
             return _worker_status(args, groups.launcher)

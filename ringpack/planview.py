@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from ringpack.cli import POSITIVE, WINDOW, add_lengths_options, int_list, lengths_from_file
+from ringpack.cli import POSITIVE, WINDOW, add_lengths_options, check_output_file, int_list, lengths_from_file
 from ringpack.packing import lengths_to_cu_seqlens
 from ringpack.plan import STRATEGIES, Plan, make_plan
 
@@ -164,8 +163,7 @@ def add_plan_parser(sub) -> None:
 
 def run_plan(args: argparse.Namespace) -> int:
     try:
-        if args.png and not Path(args.png).resolve().parent.is_dir():
-            raise ValueError(f"--png {args.png}: folder {Path(args.png).resolve().parent} does not exist")
+        check_output_file("--png", args.png)
         lengths = lengths_from_file(args.lengths_file) if args.lengths_file is not None else args.lengths
         plan = make_plan(lengths_to_cu_seqlens(lengths), args.world, strategy=args.strategy, causal=args.causal,
                          window_size=args.window)

@@ -115,6 +115,7 @@ def _status(argv: list[str]) -> int:
     (["--lengths", ""], "argument --lengths: expected document lengths"),
     (["--lengths-file", "/nonexistent/lengths"], "--lengths-file /nonexistent/lengths: no such file"),
     (["--json", "/nonexistent/out.json"], "does not exist"),
+    (["--json", "/"], "--json /: is a folder; give a file name"),  # was a traceback after every case had run
     (["--window=-2,0"], "argument --window: expected LEFT,RIGHT"),
     (["--window", "3"], "argument --window: expected LEFT,RIGHT"),
     # softcap=inf passed every case with error 0 on all-NaN results; NaN ran uncapped

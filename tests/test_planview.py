@@ -79,6 +79,7 @@ def test_picture_maps_label_every_cell_and_rank_total():
     (["--lengths-file", "/nonexistent/lengths.txt"], "--lengths-file /nonexistent/lengths.txt: no such file"),
     (["--lengths", "5", "--png", "/nonexistent/plan.png"], "--png /nonexistent/plan.png: folder /nonexistent does "
                                                           "not exist"),
+    (["--lengths", "5", "--png", "/"], "--png /: is a folder; give a file name"),
 ])
 def test_plan_command_rejects_bad_input_naming_the_option(argv, message, capsys):
     world = [] if "--world" in argv else ["--world", "2"]
