@@ -1,8 +1,8 @@
-"""Exactness checks: a float64 single-process reference, and ring-vs-reference cases run on every rank.
+"""Exactness checks: ring-vs-reference cases run on every rank, judged against the float64 reference of
+``ringpack.yardstick``.
 
 Used by ``python -m ringpack check`` and by the test-suite, so that what a cluster operator runs is
-exactly what CI proves. The reference is written from the mask rule of DESIGN.md directly (dense,
-per document, autograd for gradients) and shares no code with the plan, the backends or the merge.
+exactly what CI proves.
 """
 
 from __future__ import annotations
@@ -21,43 +21,10 @@ from ringpack.distributed import verify_plan
 from ringpack.packing import lengths_to_cu_seqlens
 from ringpack.plan import STRATEGIES, make_plan
 from ringpack.sharding import shard
+from ringpack.validation import integer, real
+from ringpack.yardstick import reference_attention, reference_grads
 
-
-def reference_attention(q, k, v, cu_seqlens, *, causal: bool, window_size=(-1, -1), softmax_scale=None,
-                        softcap: float = 0.0):
-    """Per-document softmax attention over the global pack: ``(out [T, H, D], lse [H, T])``, differentiable."""
-    cu = [int(x) for x in cu_seqlens]
-    n_heads, head_dim = q.shape[1], q.shape[2]
-    group = n_heads // k.shape[1]
-    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
-    left, right = window_size
-    outs, lses = [], []
-    for a, b in zip(cu[:-1], cu[1:]):
-        if b == a:
-            continue
-        qd = q[a:b].transpose(0, 1)  # [H, L, D]
-        kd = k[a:b].repeat_interleave(group, dim=1).transpose(0, 1)
-        vd = v[a:b].repeat_interleave(group, dim=1).transpose(0, 1)
-        s = qd @ kd.transpose(1, 2) * scale
-        if softcap > 0:
-            s = softcap * torch.tanh(s / softcap)
-        i = torch.arange(b - a, device=q.device)[:, None]
-        j = torch.arange(b - a, device=q.device)[None, :]
-        visible = torch.ones(b - a, b - a, dtype=torch.bool, device=q.device)
-        if causal:
-            visible &= j <= i
-        if left >= 0:
-            visible &= j >= i - left
-        if right >= 0:
-            visible &= j <= i + right
-        s = s.masked_fill(~visible, float("-inf"))
-        lse = torch.logsumexp(s, dim=-1)  # [H, L]
-        outs.append((torch.softmax(s, dim=-1) @ vd).transpose(0, 1))
-        lses.append(lse)
-    if not outs:
-        return q.new_zeros(q.shape), q.new_zeros(n_heads, 0)
-    return torch.cat(outs), torch.cat(lses, dim=1)
-
+__all__ = ["Case", "Result", "default_cases", "reference_attention", "reference_grads", "run_case", "token_mix"]
 
 @dataclass(frozen=True)
 class Case:
@@ -83,7 +50,7 @@ class Case:
         mask = "causal" if self.causal else "full"
         if self.window_size != (-1, -1):
             mask += f" w{self.window_size[0]},{self.window_size[1]}"
-        extra = "" if self.dtype == "float64" else f" {self.dtype}"
+        extra = "" if self.dtype == "float64" else f" {SHORT_DTYPES.get(self.dtype, self.dtype)}"
         extra += f" cap{self.softcap:g}" if self.softcap else ""
         extra += f" +{self.inject}" if self.inject else ""
         return f"{self.strategy} {mask} h{self.heads}/{self.kv_heads} T={sum(self.lengths)}{extra}"
@@ -99,22 +66,19 @@ class Case:
             raise ValueError(f"dtype {self.dtype!r} is not supported; supported: {', '.join(DTYPES)}")
         if self.inject not in INJECT:
             raise ValueError(f"inject {self.inject!r} is not supported; supported: {', '.join(map(repr, INJECT))}")
-        if any(n < 0 for n in self.lengths):
-            raise ValueError(f"document lengths must be >= 0, got {self.lengths}")
-        if self.inject and not any(self.lengths):
+        cu = lengths_to_cu_seqlens(self.lengths)
+        if self.inject and not cu[-1]:
             raise ValueError("inject needs at least one token to put the value into")
         for name in ("heads", "kv_heads", "head_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            integer(name, getattr(self, name), minimum=1)
         if self.heads % self.kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
-        if self.softcap < 0:
-            raise ValueError(f"softcap must be >= 0, got {self.softcap}")
-        make_plan(lengths_to_cu_seqlens(self.lengths), world, strategy=self.strategy, causal=self.causal,
-                  window_size=self.window_size)
+        real("softcap (0 disables it)", self.softcap, minimum=0)
+        make_plan(cu, world, strategy=self.strategy, causal=self.causal, window_size=self.window_size)
 
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
+SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # in case labels
 INJECT = ("", "nan", "inf")
 GRAD_NAMES = ("out", "lse", "dq", "dk", "dv")
 FLOAT64_TOLERANCE = 1e-10  # the merge is exact: float64 rounding only
@@ -152,6 +116,10 @@ class Result:
         return max((self.rel_errors[n] / max(self.kernel_rel_errors[n], ROUNDING[self.case.dtype])
                     for n in self.case.compared if n in self.kernel_rel_errors), default=0.0)
 
+    def reference_nonfinite(self, name: str) -> int:
+        """NaN/+Inf entries of the reference's ``name`` (those the ring has too, and those it hid)."""
+        return self.nonfinite[name] - self.leaked[name] + self.hidden[name]
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d["case"]["label"] = self.case.label
@@ -161,8 +129,7 @@ class Result:
 def token_mix(total: int, *, seed: int = 0) -> tuple[int, ...]:
     """A document-length mix adding up to ``total`` tokens: a long document (a third), an empty one, a
     one-token one, and log-uniform lengths for the rest, shuffled (deterministic for ``seed``)."""
-    if isinstance(total, bool) or not isinstance(total, int) or total < 1:
-        raise ValueError(f"tokens must be an integer >= 1, got {total!r}")
+    total = integer("tokens", total, minimum=1)
     rng = random.Random(seed)
     lengths = [total // 3, 0, 1] if total >= 3 else [total, 0]
     left = total - sum(lengths)
@@ -195,31 +162,47 @@ def _inputs(case: Case, cu: torch.Tensor, seed: int) -> list[torch.Tensor]:
 
 
 def run_case(case: Case, *, group=None, device: torch.device | str = "cpu", seed: int = 0,
-             single_device: bool = True) -> Result:
+             single_device: bool = True, progress=None) -> Result:
     """Run ``case`` on every rank of ``group`` (all ranks call it) and compare with the float64 reference.
 
     Every rank draws the same global inputs from ``seed``, checks that every rank built the same plan,
-    runs the ring on its shard and compares with its shard of the reference; results are reduced over
-    the group. The same backend also runs on the whole batch on one device, as the yardstick for
-    low-precision dtypes; ``single_device=False`` skips it (float64 only, whose bound is absolute).
+    computes the float64 reference on ``device``, runs the ring on its shard and compares with its shard of
+    the reference; results are reduced over the group. The same backend also runs on the whole batch on one
+    device, as the yardstick for low-precision dtypes; ``single_device=False`` skips it (float64 only, whose
+    bound is absolute). ``progress(phase, fraction)``, when given, hears each phase as it starts ("reference",
+    "ring", "one device"; ``fraction`` None) and how far the reference has got (``fraction`` from 0 to 1).
     """
     if not single_device and case.dtype != "float64":
         raise ValueError(f"single_device=False needs dtype float64 (an absolute bound); {case.dtype} is judged "
                          "against the same kernel on one device")
     device = torch.device(device)
+    report = progress or (lambda phase, fraction: None)
     world = dist.get_world_size(group) if dist.is_initialized() else 1
     rank = dist.get_rank(group) if dist.is_initialized() else 0
-    dtype = getattr(torch, case.dtype)
     cu = lengths_to_cu_seqlens(case.lengths)
-    q, k, v, dout, dlse = _inputs(case, cu, seed)
-    ref = _grads(lambda q_, k_, v_: reference_attention(q_, k_, v_, cu, causal=case.causal,
-                                                        window_size=case.window_size, softcap=case.softcap),
-                 q, k, v, dout, dlse)
-
     plan = make_plan(cu, world, strategy=case.strategy, causal=case.causal, window_size=case.window_size)
     verify_plan(plan, group)
-    local = [shard(t, plan, rank).to(device=device, dtype=dtype) for t in (q, k, v, dout)]
-    dlse_local = shard(dlse.t(), plan, rank).t().to(device)
+    inputs = [t.to(device) for t in _inputs(case, cu, seed)]
+    report("reference", 0.0)
+    ref = reference_grads(*inputs, cu, causal=case.causal, window_size=case.window_size, softcap=case.softcap,
+                          progress=lambda fraction: report("reference", fraction))
+    report("ring", None)
+    result = _ring_result(case, plan, rank, group, inputs, ref, device)
+    if single_device:
+        report("one device", None)
+        result.kernel_errors, result.kernel_rel_errors = _single_device_errors(case, *inputs, cu, ref, device,
+                                                                               getattr(torch, case.dtype))
+    result.reason = _judge(result)
+    result.ok = not result.reason
+    return result
+
+
+def _ring_result(case: Case, plan, rank: int, group, inputs, ref, device: torch.device) -> Result:
+    """Run the ring on this rank's shard of ``inputs`` and compare with the reference, reduced over the group."""
+    dtype = getattr(torch, case.dtype)
+    q, k, v, dout, dlse = inputs
+    local = [shard(t, plan, rank).to(dtype) for t in (q, k, v, dout)]
+    dlse_local = shard(dlse.t(), plan, rank).t()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -236,29 +219,28 @@ def run_case(case: Case, *, group=None, device: torch.device | str = "cpu", seed
     # Squared norms add over ranks: sum ||ring - ref||^2 and ||ref||^2 over every shard.
     squares = _reduce([x for s in stats for x in s[1:3]], dist.ReduceOp.SUM, group, device)
     counts = _reduce([c for s in stats for c in s[3:]], dist.ReduceOp.SUM, group, device)
-    result = Result(case, dict(zip(GRAD_NAMES, errors)), seconds=seconds,
-                    rel_errors=dict(zip(GRAD_NAMES, map(_relative, squares[0::2], squares[1::2]))),
-                    nonfinite=dict(zip(GRAD_NAMES, map(int, counts[0::3]))),
-                    hidden=dict(zip(GRAD_NAMES, map(int, counts[1::3]))),
-                    leaked=dict(zip(GRAD_NAMES, map(int, counts[2::3]))))
-    if single_device:
-        result.kernel_errors, result.kernel_rel_errors = _single_device_errors(case, q, k, v, dout, dlse, cu, ref,
-                                                                               device, dtype)
-    result.reason = _judge(result)
-    result.ok = not result.reason
-    return result
+    return Result(case, dict(zip(GRAD_NAMES, errors)), seconds=seconds,
+                  rel_errors=dict(zip(GRAD_NAMES, map(_relative, squares[0::2], squares[1::2]))),
+                  nonfinite=dict(zip(GRAD_NAMES, map(int, counts[0::3]))),
+                  hidden=dict(zip(GRAD_NAMES, map(int, counts[1::3]))),
+                  leaked=dict(zip(GRAD_NAMES, map(int, counts[2::3]))))
 
 
 def _judge(result: Result) -> str:
     """Why ``result`` fails, or "" when it passes."""
     case = result.case
     for name in GRAD_NAMES:
-        if name not in case.compared:
+        ring, reference = result.nonfinite[name], result.reference_nonfinite(name)
+        if not case.inject:
+            # Nothing was injected: a NaN/Inf anywhere is a failure, even where both agree (softcap=inf once made
+            # every output and the reference NaN, and an error over no finite entry is 0).
+            if ring or reference:
+                return f"{ring} NaN/Inf in {name} of the ring, {reference} in the reference; none was injected"
+        elif name not in case.compared:
             # Where an injected value lands in a gradient depends on how the products are grouped (a
             # dense reference poisons whole documents, a tiled kernel whole tiles, through 0 * NaN);
             # that it lands is what must hold.
-            in_reference = result.hidden[name] + result.nonfinite[name] - result.leaked[name]
-            if in_reference and not result.nonfinite[name]:
+            if reference and not ring:
                 return f"NaN/Inf of the reference vanished from {name}"
         elif result.hidden[name]:
             return f"{result.hidden[name]} NaN/Inf of the reference hidden in {name}"

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ringpack.plan import Plan
+from ringpack.validation import integer, real
 
 LAUNCHERS = ("auto", "env", "mpi", "slurm")
 DEVICES = ("auto", "cpu", "cuda")
@@ -77,14 +78,19 @@ def launched() -> bool:
     return detect_launcher() is not None
 
 
-def _env_int(name: str) -> int:
+def _env_int(name: str, default: int | None = None, *, minimum: int = 0) -> int:
     value = os.environ.get(name)
     if value is None:
+        if default is not None:
+            return default
         raise ValueError(f"environment variable {name} is not set; the launcher should have set it")
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+        raise ValueError(f"environment variable {name} must be an integer >= {minimum}, got {value!r}") from None
+    if number < minimum:
+        raise ValueError(f"environment variable {name} must be an integer >= {minimum}, got {value!r}")
+    return number
 
 
 def _from_env() -> _World:
@@ -92,7 +98,7 @@ def _from_env() -> _World:
         if name not in os.environ:
             raise ValueError(f"environment variable {name} is not set (RANK and WORLD_SIZE are): "
                              "launch with torchrun or the DeepSpeed launcher, or set it")
-    return _World(_env_int("RANK"), _env_int("WORLD_SIZE"), int(os.environ.get("LOCAL_RANK", "0")),
+    return _World(_env_int("RANK"), _env_int("WORLD_SIZE", minimum=1), _env_int("LOCAL_RANK", 0),
                   os.environ["MASTER_ADDR"], _env_int("MASTER_PORT"))
 
 
@@ -156,8 +162,8 @@ def _from_slurm() -> _World:
         port = _env_int("MASTER_PORT")
     else:
         port = 20000 + _env_int("SLURM_JOB_ID") % 20000
-    return _World(_env_int("SLURM_PROCID"), _env_int("SLURM_STEP_NUM_TASKS"), _env_int("SLURM_LOCALID"), addr,
-                  port)
+    return _World(_env_int("SLURM_PROCID"), _env_int("SLURM_STEP_NUM_TASKS", minimum=1), _env_int("SLURM_LOCALID"),
+                  addr, port)
 
 
 def _use_cuda(device: str) -> bool:
@@ -169,10 +175,11 @@ def _use_cuda(device: str) -> bool:
     return wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available())
 
 
+MAX_TIMEOUT_S = 10 ** 9  # about 30 years; timedelta (and the C++ side) overflow not far above
+
+
 def _timeout(timeout_s: float) -> datetime.timedelta:
-    if not timeout_s > 0:
-        raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
-    return datetime.timedelta(seconds=timeout_s)
+    return datetime.timedelta(seconds=real("timeout_s (seconds)", timeout_s, positive=True, maximum=MAX_TIMEOUT_S))
 
 
 def init_distributed(*, cp_size: int | None = None, launcher: str = "auto", device: str = "auto",
@@ -196,9 +203,11 @@ def init_distributed(*, cp_size: int | None = None, launcher: str = "auto", devi
                          "OMPI_COMM_WORLD_SIZE, PMI_SIZE or PMIX_RANK; srun: SLURM_PROCID, SLURM_STEP_NUM_TASKS)")
     timeout = _timeout(timeout_s)
     world = {"env": _from_env, "mpi": _from_mpi, "slurm": _from_slurm}[source]()
-    cp_size = world.world_size if cp_size is None else cp_size
-    if isinstance(cp_size, bool) or not isinstance(cp_size, int) or cp_size < 1 or world.world_size % cp_size:
-        raise ValueError(f"cp_size must be a positive divisor of the world size {world.world_size}, got {cp_size!r}")
+    cp_size = world.world_size if cp_size is None else integer("cp_size", cp_size, minimum=1)
+    if world.world_size % cp_size:
+        raise ValueError(f"cp_size must be a positive divisor of the world size {world.world_size}, got {cp_size}")
+    if world.rank >= world.world_size:
+        raise ValueError(f"rank {world.rank} from the {source} launcher is not below its world size {world.world_size}")
     cuda = _use_cuda(device)
     if cuda:
         gpus = torch.cuda.device_count()

@@ -13,15 +13,20 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ringpack.plan import Plan, validate_cu_seqlens
+from ringpack.plan import MAX_TOKENS, Plan, validate_cu_seqlens
 from ringpack.sharding import shard
+from ringpack.validation import boolean, integer, integers
 
 
 def lengths_to_cu_seqlens(lengths: Sequence[int]) -> torch.Tensor:
-    """Document lengths -> int32 ``cu_seqlens`` ``[n_docs + 1]`` (zero lengths allowed)."""
-    lengths = [int(n) for n in lengths]
-    if any(n < 0 for n in lengths):
-        raise ValueError(f"document lengths must be >= 0, got {lengths}")
+    """Document lengths -> int32 ``cu_seqlens`` ``[n_docs + 1]`` (zero lengths allowed).
+
+    Lengths must be integers (a float or a bool is refused, not truncated) adding up to at most 2**31 - 1
+    tokens: int32 boundaries past that would wrap around."""
+    lengths = integers("document lengths", lengths, minimum=0)
+    total = sum(lengths)
+    if total > MAX_TOKENS:
+        raise ValueError(f"document lengths add up to {total} tokens; cu_seqlens is int32, so at most {MAX_TOKENS}")
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     if lengths:
         cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
@@ -50,12 +55,14 @@ def position_ids_to_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
     document; anything else (a batch of several rows, gaps) is rejected rather than guessed at.
     Zero-length documents cannot be expressed by positions and never appear in the result.
     """
+    if not isinstance(position_ids, torch.Tensor):
+        raise ValueError(f"position_ids must be an integer tensor [T] or [1, T], got {type(position_ids).__name__}")
+    if position_ids.dtype.is_floating_point or position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
+        raise ValueError(f"position_ids must be an integer tensor (int32 or int64), got dtype {position_ids.dtype}")
     if position_ids.dim() == 2 and position_ids.shape[0] == 1:
         position_ids = position_ids[0]
     if position_ids.dim() != 1:
         raise ValueError(f"position_ids must be [T] or [1, T] (one packed row), got shape {tuple(position_ids.shape)}")
-    if position_ids.dtype.is_floating_point:
-        raise ValueError(f"position_ids must be integers, got dtype {position_ids.dtype}")
     pos = position_ids.to(device="cpu", dtype=torch.int64)
     if pos.numel() == 0:
         return torch.zeros(1, dtype=torch.int32)
@@ -85,9 +92,8 @@ def multipack(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     packs ordered by creation, indices inside a pack in placement order. Best-fit decreasing never uses more
     packs than first-fit decreasing's bound (11/9 OPT + 6/9).
     """
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
-    lengths = [int(n) for n in lengths]
+    max_tokens = integer("max_tokens", max_tokens, minimum=1)
+    lengths = integers("lengths", lengths)
     for i, n in enumerate(lengths):
         if not 1 <= n <= max_tokens:
             raise ValueError(f"sample {i} has {n} tokens; every sample must have 1..max_tokens={max_tokens} "
@@ -126,11 +132,11 @@ class MultipackBatchSampler(torch.utils.data.Sampler[list[int]]):
     """
 
     def __init__(self, lengths: Sequence[int], max_tokens: int, *, shuffle: bool = False, seed: int = 0):
-        self.lengths = [int(n) for n in lengths]
-        self.max_tokens = max_tokens
-        self.packs = multipack(self.lengths, max_tokens)
-        self.shuffle = shuffle
-        self.seed = seed
+        self.lengths = integers("lengths", lengths)
+        self.max_tokens = integer("max_tokens", max_tokens, minimum=1)
+        self.packs = multipack(self.lengths, self.max_tokens)
+        self.shuffle = boolean("shuffle", shuffle)
+        self.seed = integer("seed", seed)
         self.epoch = 0
 
     @property
@@ -138,7 +144,7 @@ class MultipackBatchSampler(torch.utils.data.Sampler[list[int]]):
         return packing_efficiency(self.lengths, self.packs, self.max_tokens)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch = integer("epoch", epoch, minimum=0)
 
     def __len__(self) -> int:
         return len(self.packs)
@@ -179,11 +185,9 @@ class PackingCollator:
     """
 
     def __init__(self, *, max_tokens: int | None = None, ignore_index: int = IGNORE_INDEX):
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
-                                       or max_tokens < 1):
-            raise ValueError(f"max_tokens must be None or an integer >= 1, got {max_tokens!r}")
-        self.max_tokens = max_tokens
-        self.ignore_index = ignore_index
+        self.max_tokens = None if max_tokens is None else integer("max_tokens (None for no limit)", max_tokens,
+                                                                  minimum=1)
+        self.ignore_index = integer("ignore_index", ignore_index)
 
     def __call__(self, samples: Sequence) -> dict[str, torch.Tensor]:
         ids, labels = [], []
@@ -214,15 +218,27 @@ def _sample_tensors(sample, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if unknown:
             raise ValueError(f"sample {index} has keys {sorted(unknown)}; the collator takes 'input_ids' and "
                              "optionally 'labels'")
-        ids = torch.as_tensor(sample["input_ids"], dtype=torch.long)
-        labels = torch.as_tensor(sample["labels"], dtype=torch.long) if "labels" in sample else ids
+        ids = _token_ids(sample["input_ids"], f"sample {index}")
+        labels = _token_ids(sample["labels"], f"sample {index} labels") if "labels" in sample else ids
     else:
-        ids = labels = torch.as_tensor(sample, dtype=torch.long)
+        ids = labels = _token_ids(sample, f"sample {index}")
     if ids.dim() != 1 or ids.numel() == 0:
         raise ValueError(f"sample {index} must be a non-empty 1-D list of token ids, got shape {tuple(ids.shape)}")
     if labels.shape != ids.shape:
         raise ValueError(f"sample {index}: labels have shape {tuple(labels.shape)}, input_ids {tuple(ids.shape)}")
     return ids, labels
+
+
+def _token_ids(values, what: str) -> torch.Tensor:
+    """Token ids as an int64 tensor; floats and bools are refused (``as_tensor(dtype=long)`` would truncate them)."""
+    try:
+        ids = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{what} must be a 1-D list or tensor of integer token ids, got {type(values).__name__}"
+                         ) from None
+    if ids.numel() and (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool):
+        raise ValueError(f"{what} must hold integer token ids, got dtype {ids.dtype}")
+    return ids.long()
 
 
 def shard_batch(batch: Mapping[str, torch.Tensor], plan: Plan, rank: int) -> dict[str, torch.Tensor]:

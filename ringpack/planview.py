@@ -1,13 +1,19 @@
-"""``python -m ringpack plan``: how a pack is split, what each (rank, step) computes and sends."""
+"""``python -m ringpack plan``: how a pack is split across ranks, what each (rank, step) computes and sends.
+
+``report`` is the text table; ``draw`` the picture: the pack as a strip of documents with the pieces each rank
+owns beneath it (cut where a document is shared), and the rank x step maps of work and of KV bytes sent.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+from ringpack.cli import POSITIVE, WINDOW, add_lengths_options, check_output_file, int_list, lengths_from_file
 from ringpack.packing import lengths_to_cu_seqlens
 from ringpack.plan import STRATEGIES, Plan, make_plan
+
+MAX_LABELLED_RANKS = 12  # beyond this the cells of the rank x step maps are too small for numbers
 
 
 def report(plan: Plan, *, kv_heads: int = 8, head_dim: int = 128, itemsize: int = 2) -> str:
@@ -27,8 +33,7 @@ def report(plan: Plan, *, kv_heads: int = 8, head_dim: int = 128, itemsize: int 
     return "\n".join(lines)
 
 
-def draw(plan: Plan, path: str) -> None:
-    """Save a rank x step picture: colour = visible pairs computed, label = tiles."""
+def _pyplot():
     try:
         import matplotlib
 
@@ -36,20 +41,92 @@ def draw(plan: Plan, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ValueError("--png needs matplotlib: pip install 'ringpack[plot]'") from None
+    return plt
+
+
+def draw(plan: Plan, path: str, *, kv_heads: int = 8, head_dim: int = 128, itemsize: int = 2) -> None:
+    """Save the plan as a PNG: the pack and who owns which piece of it, then work and bytes per (rank, step)."""
+    plt = _pyplot()
     world = plan.world_size
-    pairs = [[sum(t.pairs for t in plan.steps[r][s].tiles) for s in range(world)] for r in range(world)]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * world, 1.0 + 0.5 * world))
-    image = ax.imshow(pairs, cmap="viridis", vmin=0)
-    for r in range(world):
-        for s in range(world):
-            ax.text(s, r, str(len(plan.steps[r][s].tiles)), ha="center", va="center", color="w", fontsize=8)
-    ax.set_xlabel("ring step (label: tiles)")
-    ax.set_ylabel("rank")
-    ax.set_title(f"{plan.strategy}, {world} ranks, {plan.total_tokens} tokens")
-    fig.colorbar(image, ax=ax, label="visible pairs")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig = plt.figure(figsize=(12, 2.4 + 0.75 * world), layout="constrained")
+    grid = fig.add_gridspec(2, 2, height_ratios=[1.2 + 0.28 * (world + 1), 1.0 + 0.45 * world])
+    _draw_pack(fig.add_subplot(grid[0, :]), plan)
+    work = [[sum(t.pairs for t in plan.steps[r][s].tiles) for s in range(world)] for r in range(world)]
+    tiles = [[len(plan.steps[r][s].tiles) for s in range(world)] for r in range(world)]
+    labels = [[f"{_count(w)}\n{n} tile{'s' * (n != 1)}" if n else "" for w, n in zip(*row)]
+              for row in zip(work, tiles)]
+    _draw_map(fig.add_subplot(grid[1, 0]), work, labels, "Blues",
+              f"work: visible (query, key) pairs per step; {sum(map(sum, tiles))} tiles in all", _count)
+    sent = [[n * 2 * kv_heads * head_dim * itemsize for n in row] for row in plan.send_tokens]
+    _draw_map(fig.add_subplot(grid[1, 1]), sent, [[_size(b) if b else "" for b in row] for row in sent], "Oranges",
+              "KV bytes sent per step (rank r sends to rank r + step)", _size)
+    mask = ("causal" if plan.causal else "not causal") + ("" if plan.window_size == (-1, -1)
+                                                           else f", window {plan.window_size}")
+    fig.suptitle(f"ringpack plan: strategy {plan.strategy}, {world} ranks, {len(plan.cu_seqlens) - 1} documents, "
+                 f"{plan.total_tokens} tokens, {mask}; a K/V row is {kv_heads} heads x {head_dim} x {itemsize} "
+                 "bytes", fontsize=11)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _draw_pack(ax, plan: Plan) -> None:
+    """The pack as a strip of documents (top row) and, one row per rank, the pieces it owns where they lie."""
+    import matplotlib.pyplot as plt
+
+    palette = plt.get_cmap("tab20").colors
+    colours = palette[0::2] + palette[1::2]  # 10 strong hues, then their light twins: neighbours differ in hue
+    cu, world, total = plan.cu_seqlens, plan.world_size, max(plan.total_tokens, 1)
+    docs = [(a, b - a) for a, b in zip(cu[:-1], cu[1:]) if b > a]
+    doc_ids = [d for d, (a, b) in enumerate(zip(cu[:-1], cu[1:])) if b > a]
+    ax.broken_barh(docs, (world + 0.15, 0.7), facecolors=[colours[d % 20] for d in doc_ids], edgecolor="white")
+    for d, (a, n) in zip(doc_ids, docs):  # as much of a label as fits: "doc 3: 2500 tokens", "doc 3", "3"
+        for label, share in ((f"doc {d}: {n} tokens", 0.12), (f"doc {d}", 0.04), (str(d), 0.012)):
+            if n / total > share:
+                ax.text(a + n / 2, world + 0.5, label, ha="center", va="center", fontsize=7)
+                break
+    for r, segs in enumerate(plan.segments):
+        y = world - 1 - r
+        ax.broken_barh([(s.start, s.length) for s in segs], (y + 0.15, 0.7),
+                       facecolors=[colours[s.doc % 20] for s in segs], edgecolor="black", linewidth=0.4)
+        for s in segs:
+            if s.doc_offset:  # this piece starts inside its document: a cut between ranks
+                ax.axvline(s.start, color="black", linestyle=":", linewidth=0.8)
+    ax.set_yticks([world + 0.5, *(world - 0.5 - r for r in range(world))],
+                  ["documents", *(f"rank {r}: {plan.num_tokens[r]} tokens" for r in range(world))])
+    ax.set_ylim(0, world + 1)
+    ax.set_xlim(0, total)
+    ax.set_xlabel("token of the pack (dotted: a document cut between ranks; colour: document)")
+    ax.set_title("who owns which tokens", loc="left", fontsize=10)
+    ax.spines[["top", "right", "left"]].set_visible(False)
+    ax.tick_params(axis="y", length=0)
+
+
+def _draw_map(ax, values: list[list[float]], labels: list[list[str]], cmap: str, title: str, unit) -> None:
+    """A rank x step heat map of ``values`` with each cell's label, and each rank's total beside its row."""
+    world = len(values)
+    top = max(max(row) for row in values) or 1
+    ax.imshow(values, cmap=cmap, vmin=0, vmax=top, aspect="auto")
+    if world <= MAX_LABELLED_RANKS:
+        for r, row in enumerate(labels):
+            for s, text in enumerate(row):
+                ax.text(s, r, text or "-", ha="center", va="center", fontsize=7,
+                        color="white" if values[r][s] > 0.6 * top else "black")
+    totals = [sum(row) for row in values]
+    mean = sum(totals) / world
+    ax.set_yticks(range(world), [f"rank {r}: {unit(t)}" + (f", {t / mean:.2f}x mean" if mean else "")
+                                 for r, t in enumerate(totals)], fontsize=8)
+    ax.set_xticks(range(world), ["0 (own)", *map(str, range(1, world))] if world <= MAX_LABELLED_RANKS else None)
+    ax.set_xlabel("ring step (at step s, rank r uses the KV of rank r - s)")
+    ax.set_title(title, loc="left", fontsize=10)
+    for side in ax.spines.values():
+        side.set_visible(False)
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"
 
 
 def _size(n: float) -> str:
@@ -61,32 +138,41 @@ def _size(n: float) -> str:
 
 
 def add_plan_parser(sub) -> None:
-    p = sub.add_parser("plan", help="show how a pack is split across ranks and what each step computes and sends")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--lengths", help="document lengths, comma separated (e.g. 8192,97,1)")
-    src.add_argument("--lengths-file", help="file of document lengths, whitespace or comma separated")
-    p.add_argument("--world", type=int, required=True)
-    p.add_argument("--strategy", choices=STRATEGIES, default="balanced")
-    p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--window", default="-1,-1", help="LEFT,RIGHT (default -1,-1: unbounded)")
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--png", help="also save the rank x step tile map to this PNG file")
+    p = sub.add_parser("plan", help="show how a pack is split and what each ring step computes and sends",
+                       description="Make the plan of a pack and print, per rank, its tokens, visible pairs, estimated "
+                                   "cost, tiles per ring step and KV bytes sent per step; --png also draws it. "
+                                   "Exit status: 0 done, 2 bad input.")
+    add_lengths_options(p.add_mutually_exclusive_group(required=True),
+                        default="no default: --lengths or --lengths-file is required")
+    p.add_argument("--world", type=POSITIVE, required=True, help="ranks of the context-parallel group (required)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="balanced",
+                   help="partition strategy (default %(default)s)")
+    p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
+                   help="causal mask or not (default: causal)")
+    p.add_argument("--window", type=int_list(WINDOW, minimum=-1, count=2), default=(-1, -1), metavar="LEFT,RIGHT",
+                   help="sliding window, e.g. --window -1,3 (default -1,-1: unbounded)")
+    p.add_argument("--kv-heads", type=POSITIVE, default=8, help="KV heads, for the bytes sent (default %(default)s)")
+    p.add_argument("--head-dim", type=POSITIVE, default=128, help="head dimension, for the bytes sent "
+                                                                   "(default %(default)s)")
+    p.add_argument("--itemsize", type=POSITIVE, default=2,
+                   help="bytes per K/V value, for the bytes sent (default %(default)s: bf16/fp16)")
+    p.add_argument("--png", metavar="FILE", help="also draw the plan into this PNG file (needs matplotlib; "
+                                                 "default: no picture)")
     p.set_defaults(run=run_plan)
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    text = Path(args.lengths_file).read_text() if args.lengths_file else args.lengths
     try:
-        lengths = [int(x) for x in text.replace(",", " ").split()]
-        window = tuple(int(x) for x in args.window.split(","))
+        check_output_file("--png", args.png)
+        lengths = lengths_from_file(args.lengths_file) if args.lengths_file is not None else args.lengths
         plan = make_plan(lengths_to_cu_seqlens(lengths), args.world, strategy=args.strategy, causal=args.causal,
-                         window_size=window)
-        print(report(plan, kv_heads=args.kv_heads, head_dim=args.head_dim))
+                         window_size=args.window)
+        sizes = {"kv_heads": args.kv_heads, "head_dim": args.head_dim, "itemsize": args.itemsize}
+        print(report(plan, **sizes))
         if args.png:
-            draw(plan, args.png)
-            print(f"tile map saved to {args.png}")
+            draw(plan, args.png, **sizes)
+            print(f"picture of the plan saved to {args.png}")
     except ValueError as e:
-        print(f"plan: {e}", file=sys.stderr)
+        print(f"ringpack plan: {e}", file=sys.stderr)
         return 2
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Iterable, Mapping
 
 
 def integer(name: str, value, *, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -33,8 +34,10 @@ def boolean(name: str, value) -> bool:
     raise ValueError(f"{name} must be True or False, got {value!r} of type {type(value).__name__}")
 
 
-def real(name: str, value, *, minimum: float | None = None, positive: bool = False) -> float:
-    """``value`` as a finite ``float`` (an int or float, not a bool or a string), ``>= minimum`` or ``> 0``."""
+def real(name: str, value, *, minimum: float | None = None, positive: bool = False,
+         maximum: float | None = None) -> float:
+    """``value`` as a finite ``float`` (an int or float, not a bool or a string), ``>= minimum`` or ``> 0``, and
+    ``<= maximum``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) and type(value).__name__ not in (
             "float64", "float32", "float16"):
         raise ValueError(f"{name} must be a number, got {value!r} of type {type(value).__name__}")
@@ -45,4 +48,17 @@ def real(name: str, value, *, minimum: float | None = None, positive: bool = Fal
         raise ValueError(f"{name} must be > 0, got {number}")
     if minimum is not None and number < minimum:
         raise ValueError(f"{name} must be >= {minimum:g}, got {number:g}")
+    if maximum is not None and number > maximum:
+        raise ValueError(f"{name} must be <= {maximum:g}, got {number:g}")
     return number
+
+
+def integers(name: str, values, *, minimum: int | None = None, maximum: int | None = None) -> list[int]:
+    """``values`` (a sequence, or a 1-D tensor or array) as a list of ints, each checked by :func:`integer`, so a
+    float, a bool or a string among them is refused rather than truncated or read as 0 or 1."""
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        raise ValueError(f"{name} must be a sequence of integers, got {type(values).__name__}")
+    items = values.tolist() if hasattr(values, "tolist") else list(values)
+    if not isinstance(items, list):
+        raise ValueError(f"{name} must be a sequence of integers, got a single value {items!r}")
+    return [integer(f"{name}[{i}]", x, minimum=minimum, maximum=maximum) for i, x in enumerate(items)]

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
-from ringpack import checking, cli
+from ringpack import checking, cli, planview
 from ringpack.__main__ import main
 from ringpack.checking import Case, run_case, token_mix
 
@@ -97,27 +99,87 @@ def test_lengths_file(tmp_path):
         cli._cases(_args("--lengths-file", str(bad)), 2)
 
 
+def _status(argv: list[str]) -> int:
+    """The exit status of ``python -m ringpack ARGV`` run in this process (argparse's errors exit 2 itself)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--kv-heads", "3"], "heads (4) must be a multiple of kv_heads (3)"),
-    (["--lengths", "3,a"], "--lengths: expected document lengths"),
-    (["--lengths", "3,-1"], "all >= 0"),
-    (["--lengths-file", "/nonexistent/lengths"], "no such file"),
+    (["--lengths", "3,a"], "argument --lengths: expected document lengths"),
+    (["--lengths", "3,-1"], "integers >= 0"),
+    # an empty --lengths ran the suite's own lengths
+    (["--lengths", ""], "argument --lengths: expected document lengths"),
+    (["--lengths-file", "/nonexistent/lengths"], "--lengths-file /nonexistent/lengths: no such file"),
     (["--json", "/nonexistent/out.json"], "does not exist"),
-    (["--window=-2,0"], "window"),
+    (["--json", "/"], "--json /: is a folder; give a file name"),  # was a traceback after every case had run
+    (["--window=-2,0"], "argument --window: expected LEFT,RIGHT"),
+    (["--window", "3"], "argument --window: expected LEFT,RIGHT"),
+    # softcap=inf passed every case with error 0 on all-NaN results; NaN ran uncapped
+    (["--softcap", "inf"], "argument --softcap: expected a finite number >= 0"),
+    (["--softcap", "nan"], "argument --softcap: expected a finite number >= 0"),
+    (["--softcap", "-1"], "argument --softcap: expected a finite number >= 0"),
+    # --timeout inf ended in an OverflowError traceback
+    (["--timeout", "inf"], "argument --timeout: expected seconds, a finite number > 0"),
+    (["--timeout", "1e300"], "argument --timeout: expected seconds"),
+    (["--timeout", "0"], "argument --timeout"),
+    (["--world", "0"], "argument --world: expected an integer >= 1"),
+    (["--heads", "2.5"], "argument --heads: expected an integer >= 1"),
+    (["--tokens", "abc"], "argument --tokens: expected an integer >= 1"),
+    (["--seed", "-1"], "argument --seed: expected an integer >= 0"),
+    (["--lengths", "1", "--tokens", "5"], "not allowed with argument"),
+    (["--backend", "nope"], "invalid choice"),
+    (["--dtype", "int8"], "invalid choice"),
+    (["--inject", "zero"], "invalid choice"),
 ])
 def test_bad_options_exit_2_naming_the_problem(argv, message, capsys):
-    """Bad input must stop the check before any rank starts, with status 2 and a message naming it."""
-    assert main(["check", *argv]) == 2
-    assert message in capsys.readouterr().err
+    """Bad input must stop the check before any rank starts, with status 2, no traceback, and a message naming
+    the option and what it allows."""
+    assert _status(["check", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("argv", [["--timeout", "0"], ["--world", "0"], ["--lengths", "1", "--tokens", "5"],
-                                  ["--backend", "nope"], ["--dtype", "int8"], ["--inject", "zero"]])
-def test_malformed_options_are_argparse_errors(argv):
-    """Options argparse can judge alone must be refused by it (exit status 2), not reach a rank."""
-    with pytest.raises(SystemExit) as exc:
-        main(["check", *argv])
-    assert exc.value.code == 2
+def test_negative_window_needs_no_equals_sign():
+    """``--window -1,3`` was taken for an unknown option by argparse ("expected one argument"): the window
+    must parse as written, for check as for plan."""
+    parser = argparse.ArgumentParser()
+    cli.add_check_parser(parser.add_subparsers())
+    args = parser.parse_args(cli.attach_negative_values(["check", "--window", "-1,3", "--seed", "-0"]))
+    assert args.window == (-1, 3)
+    assert {c.window_size for c in cli._cases(args, 2)} == {(-1, 3)}
+    assert cli.attach_negative_values(["--window", "-1,-1", "--lengths", "5"]) == ["--window=-1,-1", "--lengths", "5"]
+    assert cli.attach_negative_values(["--heads", "-1"]) == ["--heads", "-1"]  # a plain number: argparse's own
+
+
+def test_shared_integer_list_parser():
+    """One parser reads every comma-separated option (check, plan; benchmarks reuse it): commas and spaces,
+    a count, a minimum, and an error that says what was expected and what was got."""
+    assert cli.parse_ints("4096,97 1\n0", what="lengths", minimum=0) == (4096, 97, 1, 0)
+    assert cli.parse_ints("-1,3", what="a window", minimum=-1, count=2) == (-1, 3)
+    for text, kwargs in (("1,2,3", {"count": 2}), ("", {}), ("1,x", {}), ("-2", {"minimum": -1}), ("1.5", {})):
+        with pytest.raises(ValueError, match=r"expected a thing; got '"):
+            cli.parse_ints(text, what="a thing", **kwargs)
+
+
+def test_help_lists_the_commands_and_every_option_says_its_default(capsys):
+    """``--help`` showed the commands as ``{check,plan}`` under an rST-quoted description; every option must
+    have help text saying its default (or that it is required)."""
+    assert _status(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "check" in out and "plan" in out and "``" not in out
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    cli.add_check_parser(sub)
+    planview.add_plan_parser(sub)
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, (name, action.option_strings)
+                assert action.required or "default" in action.help, (name, action.help)
 
 
 def test_injected_nan_reaches_the_output():
@@ -150,9 +212,7 @@ def _free_port() -> int:
 
 def test_failed_case_gives_exit_status_1(monkeypatch, capsys):
     """Under a launcher, one failing case must make the check exit 1 and say FAIL with the reason."""
-    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": str(_free_port()), "RINGPACK_DEVICE": "cpu"}.items():
-        monkeypatch.setenv(name, value)
+    _launched_as_one_rank(monkeypatch)
     real = cli.run_case
 
     def failing(case, **kwargs):
@@ -188,3 +248,97 @@ def test_single_device_yardstick_required_below_float64():
     with pytest.raises(ValueError, match="needs dtype float64"):
         run_case(Case(lengths=(5,), dtype="bfloat16"), single_device=False)
 
+
+
+def _poisoned(inject: str, ring: int, reference: int) -> checking.Result:
+    """A float64 result whose every quantity has ``ring`` NaN/Inf in the ring's result and ``reference`` in the
+    reference's, at the same entries where both have them; every finite entry exact."""
+    names = checking.GRAD_NAMES
+    both = min(ring, reference)
+    return checking.Result(Case(lengths=(8,), inject=inject), errors=dict.fromkeys(names, 0.0),
+                           nonfinite=dict.fromkeys(names, ring), hidden=dict.fromkeys(names, reference - both),
+                           leaked=dict.fromkeys(names, ring - both))
+
+
+def test_nan_where_none_was_injected_fails_even_where_both_agree():
+    """``check --softcap inf`` reported every case ok with error 0: every output and the reference were NaN at
+    the same entries, so nothing was hidden or leaked and the error over no finite entry was 0. A NaN/Inf in
+    the ring's result or the reference fails the case unless --inject asked for it."""
+    reason = checking._judge(_poisoned("", 40, 40))
+    assert reason == "40 NaN/Inf in out of the ring, 40 in the reference; none was injected"
+    assert checking._judge(_poisoned("", 0, 3)).startswith("0 NaN/Inf in out of the ring, 3 in the reference")
+    assert checking._judge(_poisoned("nan", 40, 40)) == ""  # asked for, and it propagated
+    assert checking._judge(_poisoned("", 0, 0)) == ""
+
+
+@pytest.mark.parametrize("lengths", [(0,), (0, 0), (0, 5, 0)])
+def test_empty_pack_passes(lengths):
+    """``check --lengths 0`` crashed in the check's own float64 reference (no token, so no gradient to take):
+    an empty pack, or empty documents, are valid input and must pass."""
+    for strategy in ("balanced", "zigzag"):
+        result = run_case(Case(lengths=lengths, strategy=strategy))
+        assert result.ok, result.reason
+
+
+def _launched_as_one_rank(monkeypatch) -> None:
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(_free_port()), "RINGPACK_DEVICE": "cpu"}.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_empty_pack_under_a_launcher_exits_0(monkeypatch, capsys):
+    """The same through the command line, as a launched rank: status 0 and every case ok."""
+    _launched_as_one_rank(monkeypatch)
+    argv = ["check", "--lengths", "0,0", "--strategy", "zigzag", "--causal", "--window", "-1,-1", "--heads", "2"]
+    assert main(argv) == 0
+    assert "1 passed, 0 failed" in capsys.readouterr().out
+
+
+def test_bad_local_rank_under_a_launcher_exits_2(monkeypatch, capsys):
+    """LOCAL_RANK=abc was an int() traceback: the check exits 2 naming the variable."""
+    _launched_as_one_rank(monkeypatch)
+    monkeypatch.setenv("LOCAL_RANK", "abc")
+    assert main(["check", "--lengths", "5"]) == 2
+    assert "environment variable LOCAL_RANK must be an integer >= 0, got 'abc'" in capsys.readouterr().err
+
+
+def test_table_has_one_error_column_per_quantity_and_the_nan_counts():
+    """The table printed one max error over all quantities and no NaN/Inf count (only --json had them); the
+    README promises a column per quantity. An injected case shows '-' for the gradients it does not compare."""
+    result = run_case(Case(lengths=MIX, inject="nan", strategy="zigzag"))
+    width = len(result.case.label)
+    header, row = cli._header(12, width).splitlines()[0], cli._row(3, 12, result, width)
+    assert header.split()[1:11] == ["out", "lse", "dq", "dk", "dv", "1-dev", "ratio", "nan/inf", "ring", "ms"]
+    cells = row[len(f"[ 3/12] {result.case.label}"):].split()
+    assert cells[0] == f"{result.errors['out']:.1e}" and cells[1] == f"{result.errors['lse']:.1e}"
+    assert cells[2:5] == ["-", "-", "-"]
+    ring = result.nonfinite["out"] + result.nonfinite["lse"]  # the compared quantities: the ring's and the reference's
+    assert ring > 0 and cells[7] == f"{ring}/{result.reference_nonfinite('out') + result.reference_nonfinite('lse')}"
+    assert cells[-1] == "ok"
+    labels = [c.label for c in cli._cases(_args("--tokens", "131072", "--dtype", "bfloat16"), 8)]
+    assert max(map(len, cli._header(36, max(map(len, labels))).splitlines())) <= 140  # a 140-column terminal
+
+
+def test_progress_names_each_phase_and_the_reference_fraction():
+    """A long case printed nothing for minutes: run_case reports its phases, and the reference how far it got."""
+    heard = []
+    run_case(Case(lengths=(300, 40), heads=2, kv_heads=1), progress=lambda *event: heard.append(event))
+    phases = [phase for phase, _ in heard]
+    assert phases[0] == "reference" and phases[-2:] == ["ring", "one device"]
+    fractions = [f for phase, f in heard if phase == "reference"]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
+
+
+def test_progress_prints_a_line_every_interval_and_none_for_a_short_case():
+    """The heartbeat: a line per interval while a case runs, saying the phase and fraction; nothing when the case
+    ends first (a line per block would flood the terminal)."""
+    stream = io.StringIO()
+    with cli.Progress("[1/1] long case", interval=0.05, stream=stream) as progress:
+        progress("reference", 0.25)
+        time.sleep(0.3)
+    lines = stream.getvalue().splitlines()
+    assert 2 <= len(lines) <= 7 and all(line.strip().startswith("[1/1] long case: reference 25%") for line in lines)
+    quiet = io.StringIO()
+    with cli.Progress("[1/1] short case", interval=60, stream=quiet):
+        pass
+    assert quiet.getvalue() == ""

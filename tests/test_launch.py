@@ -102,18 +102,52 @@ def test_torchrun_multi_node_rendezvous():
 @needs_mpi
 def test_mpirun():
     """Under mpirun, rank and size come from MPI and rank 0's address and port are broadcast through mpi4py."""
-    args = "--allow-run-as-root --oversubscribe" if os.geteuid() == 0 else "--oversubscribe"
     run = subprocess.run([str(LAUNCH / "mpirun.sh"), *CHECK_ARGS], capture_output=True, text=True, timeout=180,
-                         env=_env(NP="2", MPIRUN_ARGS=args), cwd=ROOT)
+                         env=_env(NP="2", MPIRUN_ARGS="--oversubscribe"), cwd=ROOT)
     _assert_passed(run, "mpi")
 
 
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="DeepSpeed not installed (pip install deepspeed)")
 def test_deepspeed_launcher():
-    """The DeepSpeed launcher sets the torchrun variables; --no_local_rank keeps its --local_rank off the check."""
+    """The DeepSpeed launcher sets the torchrun variables; --no_local_rank keeps its --local_rank off the check.
+    Without NUM_GPUS on a machine without GPUs the recipe starts 2 ranks (the launcher alone starts one)."""
     run = subprocess.run([str(LAUNCH / "deepspeed.sh"), *CHECK_ARGS], capture_output=True, text=True, timeout=300,
-                         env=_env(NUM_GPUS="2", MASTER_PORT=str(_free_port())), cwd=ROOT)
+                         env=_env(MASTER_PORT=str(_free_port())), cwd=ROOT)
     _assert_passed(run, "env")
+
+
+def _recipe_command(recipe: str, tmp_path: Path, **env: str) -> list[str]:
+    """What ``recipe`` would run: its launcher replaced by a stand-in on PATH that prints its arguments."""
+    name = {"mpirun.sh": "mpirun", "deepspeed.sh": "deepspeed"}[recipe]
+    stand_in = tmp_path / name
+    stand_in.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    stand_in.chmod(0o755)
+    run = subprocess.run([str(LAUNCH / recipe), "--lengths", "5"], capture_output=True, text=True, timeout=60,
+                         env=_env(PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}", **env), cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.splitlines()
+
+
+def test_mpirun_recipe_allows_root(tmp_path):
+    """Open MPI refuses to start as root without --allow-run-as-root: the recipe failed in every container."""
+    args = _recipe_command("mpirun.sh", tmp_path, NP="2", MPIRUN_ARGS="-x PATH")
+    assert ("--allow-run-as-root" in args) == (os.geteuid() == 0)
+    assert args[:2] == ["-np", "2"] and args[-4:] == ["ringpack", "check", "--lengths", "5"] and "-x" in args
+
+
+def test_deepspeed_recipe_starts_two_cpu_ranks(tmp_path):
+    """On a machine without GPUs the DeepSpeed launcher starts one process, a ring of one; the recipe asks for
+    2 unless NUM_GPUS says otherwise."""
+    import torch
+
+    args = _recipe_command("deepspeed.sh", tmp_path)
+    if torch.cuda.device_count() == 0:
+        assert args[args.index("--num_gpus") + 1] == "2"
+    else:
+        assert "--num_gpus" not in args  # the launcher's own default: every GPU
+    args = _recipe_command("deepspeed.sh", tmp_path, NUM_GPUS="3")
+    assert args[args.index("--num_gpus") + 1] == "3"
+    assert args[-5:] == ["--no_local_rank", "ringpack", "check", "--lengths", "5"]
 
 
 def test_srun_step_environment():
@@ -166,12 +200,25 @@ def test_launcher_detection(monkeypatch, variables, launcher):
     assert distributed.launched() == (launcher is not None)
 
 
-@pytest.mark.parametrize("kwargs, message", [({"cp_size": 3}, "cp_size must be a positive divisor of the world size 4"),
-                                             ({"launcher": "pbs"}, "launcher must be one of"),
-                                             ({"timeout_s": 0}, "timeout_s must be > 0")])
-def test_bad_init_arguments(monkeypatch, kwargs, message):
-    """Bad arguments must raise a ValueError naming the allowed values, before any rendezvous could hang."""
-    for name, value in {"RANK": "0", "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+@pytest.mark.parametrize("kwargs, variables, message", [
+    ({"cp_size": 3}, {}, "cp_size must be a positive divisor of the world size 4"),
+    ({"cp_size": 2.0}, {}, "cp_size must be an integer, got 2.0"),
+    ({"launcher": "pbs"}, {}, "launcher must be one of"),
+    ({"timeout_s": 0}, {}, r"timeout_s \(seconds\) must be > 0"),
+    # inf overflowed inside timedelta, "5" was a TypeError from a comparison
+    ({"timeout_s": float("inf")}, {}, r"timeout_s \(seconds\) must be a finite number, got inf"),
+    ({"timeout_s": "5"}, {}, r"timeout_s \(seconds\) must be a number, got '5'"),
+    ({"timeout_s": 1e300}, {}, r"timeout_s \(seconds\) must be <= 1e\+09"),
+    # LOCAL_RANK=abc was int()'s "invalid literal for int() with base 10: 'abc'", naming no variable
+    ({}, {"LOCAL_RANK": "abc"}, "environment variable LOCAL_RANK must be an integer >= 0, got 'abc'"),
+    ({}, {"WORLD_SIZE": "0"}, "environment variable WORLD_SIZE must be an integer >= 1, got '0'"),
+    ({}, {"RANK": "4"}, "rank 4 from the env launcher is not below its world size 4"),
+])
+def test_bad_init_arguments(monkeypatch, kwargs, variables, message):
+    """Bad arguments and launcher variables must raise a ValueError naming them and the allowed values, before
+    any rendezvous could hang."""
+    for name, value in {"RANK": "0", "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1",
+                        **variables}.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=message):
         distributed.init_distributed(**kwargs)

@@ -134,3 +134,59 @@ def test_collator_rejects_bad_samples():
         PackingCollator()([{"input_ids": [1, 2], "attention_mask": [1, 1]}])
     with pytest.raises(ValueError, match="max_tokens=2"):
         PackingCollator(max_tokens=2)([[1, 2], [3]])
+
+
+@pytest.mark.parametrize("lengths, words", [
+    ([2 ** 32 + 5], "add up to 4294967301 tokens; cu_seqlens is int32, so at most 2147483647"),  # was [0, 5]
+    ([2 ** 31 - 1, 1], "add up to 2147483648 tokens"),
+    ([3, 2.7], r"document lengths\[1\] must be an integer, got 2.7"),  # was truncated to 2
+    ([True, 4], r"document lengths\[0\] must be an integer, got the bool True"),  # was read as 1
+    (torch.tensor([3.0, 4.0]), r"document lengths\[0\] must be an integer, got 3.0"),
+    ([3, -1], r"document lengths\[1\] must be an integer >= 0, got -1"),
+    ("123", "document lengths must be a sequence of integers, got str"),
+    (7, "document lengths must be a sequence of integers, got int"),
+])
+def test_lengths_to_cu_seqlens_refuses_what_it_would_get_wrong(lengths, words):
+    """int32 boundaries wrapped around past 2**31 and int() truncated floats and bools: each silently gave other
+    documents. Every length must be an integer >= 0 and their sum fit int32."""
+    with pytest.raises(ValueError, match=words):
+        ringpack.lengths_to_cu_seqlens(lengths)
+
+
+def test_lengths_to_cu_seqlens_takes_integer_sequences_and_tensors():
+    assert ringpack.lengths_to_cu_seqlens(torch.tensor([3, 0, 4])).tolist() == [0, 3, 3, 7]
+    assert ringpack.lengths_to_cu_seqlens(n for n in (2, 1)).tolist() == [0, 2, 3]
+    assert ringpack.lengths_to_cu_seqlens([]).tolist() == [0]
+    assert ringpack.lengths_to_cu_seqlens([2 ** 31 - 1]).tolist() == [0, 2 ** 31 - 1]
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: multipack([3, 2.5], 10), r"lengths\[1\] must be an integer, got 2.5"),
+    (lambda: multipack([3, True], 10), r"lengths\[1\] must be an integer, got the bool True"),
+    (lambda: multipack([3], 10.0), "max_tokens must be an integer, got 10.0"),
+    (lambda: MultipackBatchSampler([3, 1.5], 10), r"lengths\[1\] must be an integer, got 1.5"),
+    (lambda: MultipackBatchSampler([3], 10, shuffle="no"), "shuffle must be True or False, got 'no'"),
+    (lambda: MultipackBatchSampler([3], 10, seed=0.5), "seed must be an integer"),
+    (lambda: MultipackBatchSampler([3], 10).set_epoch(-1), "epoch must be an integer >= 0"),
+    (lambda: PackingCollator(max_tokens=8.0), r"max_tokens \(None for no limit\) must be an integer, got 8.0"),
+    (lambda: PackingCollator(ignore_index=None), "ignore_index must be an integer"),
+    (lambda: PackingCollator()([[1, 2], [3.7, 4.2]]), "sample 1 must hold integer token ids, got dtype torch.float32"),
+    (lambda: PackingCollator()([[True, False]]), "sample 0 must hold integer token ids, got dtype torch.bool"),
+    (lambda: PackingCollator()([{"input_ids": [1, 2], "labels": [1.5, 2.5]}]), "sample 0 labels must hold integer"),
+    (lambda: PackingCollator()([["a", "b"]]), "sample 0 must be a 1-D list or tensor of integer token ids"),
+])
+def test_packing_refuses_floats_and_bools(make, words):
+    """multipack, the sampler and the collator truncated float lengths and token ids (3.7 became token 3) and read
+    bools as 0/1: wrong data with no error. Each now names the argument and what it takes."""
+    with pytest.raises(ValueError, match=words):
+        make()
+
+
+@pytest.mark.parametrize("positions, words", [
+    (torch.tensor([False, True, False, True]), "got dtype torch.bool"),  # was read as two documents 0, 1
+    (torch.tensor([0.0, 1.0]), "got dtype torch.float32"),
+    ([0, 1, 2], "must be an integer tensor [T] or [1, T], got list"),
+])
+def test_position_ids_to_cu_seqlens_refuses_what_is_not_integer_positions(positions, words):
+    with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        ringpack.position_ids_to_cu_seqlens(positions)
