@@ -22,6 +22,7 @@ from ringpack.backends import BACKENDS
 from ringpack.checking import DTYPES, GRAD_NAMES, Case, Result, default_cases, run_case, token_mix
 from ringpack.plan import STRATEGIES
 from ringpack.validation import integer, real
+from ringpack.warmup import warmup
 
 PROGRESS_S = 5.0  # seconds between two progress lines inside one long case (rank 0, stderr)
 LENGTHS = "document lengths: integers >= 0 separated by commas or spaces, e.g. 4096,97,1,0"
@@ -242,6 +243,11 @@ def check_worker(args: argparse.Namespace, launcher: str) -> bool:
     if rank == 0:
         print(f"ringpack check: world={world} launcher={launcher} device={device.type} backend={args.backend} "
               f"cases={len(cases)} timeout={args.timeout:g}s")
+    if device.type == "cuda":  # compiled kernels (FlashAttention-4) compile here, not inside the first case's time
+        seconds, configs = warm_up(cases, args.backend, device)
+        if rank == 0:
+            print(f"kernels ready for {configs} configurations in {seconds:.1f} s (first calls, compilation)")
+    if rank == 0:
         print(_header(len(cases), width), flush=True)
     results = []
     for i, case in enumerate(cases, 1):
@@ -260,6 +266,16 @@ def check_worker(args: argparse.Namespace, launcher: str) -> bool:
                  "passed": passed, "failed": len(results) - passed, "results": [r.as_dict() for r in results]},
                 indent=2))
     return passed == len(results)
+
+
+def warm_up(cases: list[Case], backend: str, device: torch.device) -> tuple[float, int]:
+    """``ringpack.warmup`` for every distinct head layout, dtype, mask and softcap of ``cases``: seconds and count."""
+    configs = {(c.heads, c.kv_heads, c.head_dim, c.dtype, c.causal, c.window_size, c.softcap) for c in cases}
+    seconds = 0.0
+    for heads, kv_heads, head_dim, dtype, causal, window, softcap in sorted(configs):
+        seconds += warmup(heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=getattr(torch, dtype), causal=causal,
+                          window_size=window, softcap=softcap, lse_grad=True, backend=backend, device=device)
+    return seconds, len(configs)
 
 
 def _worker_status(args: argparse.Namespace, launcher: str) -> int:

@@ -342,3 +342,14 @@ def test_progress_prints_a_line_every_interval_and_none_for_a_short_case():
     with cli.Progress("[1/1] short case", interval=60, stream=quiet):
         pass
     assert quiet.getvalue() == ""
+
+
+def test_check_warms_every_configuration_of_its_cases_once():
+    """On a GPU ``check`` compiles its kernels before the first case (its time would hide FA4's compilation): one
+    warmup per distinct head layout, dtype, mask and softcap of the suite."""
+    from ringpack import cli
+    from ringpack.checking import default_cases
+    cases = default_cases(2)[::5]
+    seconds, configs = cli.warm_up(cases, "reference", torch.device("cpu"))
+    assert configs == len({(c.heads, c.kv_heads, c.head_dim, c.dtype, c.causal, c.window_size, c.softcap)
+                           for c in cases}) > 1 and seconds >= 0
