@@ -10,7 +10,7 @@ it), its sends, busy steps, KV tokens, query depth and the key depth of itself a
 The key depths are read two ways: ``key_depth[src]`` (exact, a whole column of the plan per source) and
 ``key_depth_capped(src, 3)`` (all the ring's 16-bit rule asks: stops at the first key row read 3 times).
 Memory is measured in a fresh process per case: Python's peak (tracemalloc) and the growth of the resident
-set (which also counts torch's buffers), next to the tiles of the rank.
+set (which also counts torch's buffers), for the sampled rank with the most tiles.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,31 +39,37 @@ SCALE = {  # the packs of issue 18: name -> (document lengths, world sizes)
 
 
 def ring_reads(plan: ringpack.Plan, rank: int, *, capped: bool) -> int:
-    """Read everything the ring of ``rank`` reads from ``plan``; returns the rank's tiles."""
-    tiles = 0
-    depth = plan.key_depth_capped if capped else (lambda r, cap: plan.key_depth[r])
-    depth(rank, CAP)
+    """Read everything the ring of ``rank`` reads from ``plan``; returns the rank's tiles.
+
+    ``capped=False`` reads the key depths as ``ring.py`` does today: ``key_depth`` of the source of every step,
+    idle or not, and its own. ``capped=True``: ``key_depth_capped(src, 3)`` of the sources of steps with tiles."""
+    tiles, read = 0, []
     for s, step in enumerate(plan.steps[rank]):
         for wave in step.waves:
-            hash(wave)
+            read.append(hash(wave))
             tiles += len(wave.tiles)
-        if step.waves:
-            depth(step.source, CAP)
-        plan.send_runs(rank, s)
-        step.recv_tokens
-    plan.busy_steps(rank), plan.send_tokens[rank], plan.query_depth[rank]
+        if not capped:
+            read.append(plan.key_depth[step.source])
+        elif step.waves:
+            read.append(plan.key_depth_capped(step.source, CAP))
+        read.append((plan.send_runs(rank, s), step.recv_tokens))
+    read.append((plan.busy_steps(rank), plan.send_tokens[rank], plan.query_depth[rank]))
     return tiles
 
 
-def timed(fn, repeats: int, setup=lambda: None) -> float:
-    """Median seconds of ``fn(setup())`` over ``repeats`` calls, ``setup`` not timed."""
-    times = []
+def timed(fn, repeats: int, setup=lambda: None, budget_s: float = 2.0) -> tuple[float, float]:
+    """Median wall and CPU seconds of ``fn(setup())`` over ``repeats`` calls (``setup`` not timed); one call when
+    it takes longer than ``budget_s``."""
+    wall, cpu = [], []
     for _ in range(repeats):
         arg = setup()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn(arg)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+        if wall[-1] > budget_s:
+            break
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def sample_ranks(plan: ringpack.Plan) -> list[int]:
@@ -73,59 +78,71 @@ def sample_ranks(plan: ringpack.Plan) -> list[int]:
     return sorted({0, plan.world_size - 1, most})
 
 
-def measure_case(lengths: list[int], world: int, strategy: str, repeats: int) -> dict:
-    """Timings of one case in this process, then memory in a fresh one (``--child``)."""
-    cu = ringpack.lengths_to_cu_seqlens(lengths).tolist()
+def measure_case(name: str, world: int, strategy: str, repeats: int) -> dict:
+    """Timings of one case in this process (each rank on a fresh plan), then memory in a fresh one (``--child``)."""
+    cu = ringpack.lengths_to_cu_seqlens(SCALE[name][0]()).tolist()
 
-    def plan():
+    def plan(_=None):
         return ringpack.make_plan(cu, world, strategy=strategy)
 
     ranks = sample_ranks(plan())
-    row = {"make_plan_s": timed(lambda _: plan(), repeats)}
-    for capped in (False, True):  # each repeat on a fresh plan: nothing cached from an earlier read
-        seconds = [timed(lambda p, r=r, c=capped: ring_reads(p, r, capped=c), repeats, plan) for r in ranks]
-        row["rank_capped_s" if capped else "rank_exact_s"] = max(seconds)
-    probe = plan()
-    row["tiles"] = max(ring_reads(probe, r, capped=True) for r in ranks)
-    child = subprocess.run([sys.executable, __file__, "--child", json.dumps([lengths, world, strategy, ranks])],
+    row = dict(zip(("make_plan_s", "make_plan_cpu_s"), timed(plan, repeats)))
+    for capped in (False, True):
+        times = [timed(lambda p, r=r, c=capped: ring_reads(p, r, capped=c), repeats, plan) for r in ranks]
+        how = "capped" if capped else "exact"
+        row[f"rank_{how}_s"], row[f"rank_{how}_cpu_s"] = max(t[0] for t in times), max(t[1] for t in times)
+    tiles = {r: ring_reads(plan(), r, capped=True) for r in ranks}
+    rank = max(ranks, key=tiles.__getitem__)
+    row["tiles"] = tiles[rank]
+    child = subprocess.run([sys.executable, __file__, "--child", json.dumps([name, world, strategy, rank])],
                            capture_output=True, text=True, check=True)
     row.update(json.loads(child.stdout))
     return row
 
 
 def child(args: str) -> int:
-    """Memory of make_plan plus one rank's (capped) reads, the rank with the most tiles, in this fresh process."""
-    lengths, world, strategy, ranks = json.loads(args)
-    cu = ringpack.lengths_to_cu_seqlens(lengths).tolist()
-    counts = {r: ring_reads(ringpack.make_plan(cu, world, strategy=strategy), r, capped=True) for r in ranks}
-    rank = max(ranks, key=counts.__getitem__)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    tracemalloc.start()
+    """Memory of make_plan plus one rank's (capped) reads in this fresh process: Python's peak, then the growth of
+    the resident set on a second, untraced run of the same (tracemalloc's own bookkeeping stays out of it)."""
+    name, world, strategy, rank = json.loads(args)
+    cu = ringpack.lengths_to_cu_seqlens(SCALE[name][0]()).tolist()
+    rss_before = peak_rss_mib()
     plan = ringpack.make_plan(cu, world, strategy=strategy)
-    ring_reads(plan, rank, capped=True)
+    tiles = ring_reads(plan, rank, capped=True)
+    rss = peak_rss_mib() - rss_before
+    del plan
+    tracemalloc.start()
+    ring_reads(ringpack.make_plan(cu, world, strategy=strategy), rank, capped=True)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
-    print(json.dumps({"py_peak_mib": peak / 2 ** 20, "rss_growth_mib": rss / 2 ** 10, "mem_rank_tiles": counts[rank]}))
+    print(json.dumps({"py_peak_mib": peak / 2 ** 20, "rss_growth_mib": rss, "mem_rank_tiles": tiles}))
     return 0
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set (Linux ``VmHWM``: unlike ``ru_maxrss`` it does not carry over the parent's
+    peak through fork and exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2 ** 10
 
 
 def balance_rows(tokens: int, repeats: int) -> list[str]:
     """The packs of the README at 2, 4 and 8 ranks: make_plan time, estimated balance, KV sent (all ranks)."""
-    lines = ["| mix | docs | ranks | strategy | make_plan ms (median) | + all ranks' schedules ms | work max/mean | "
+    lines = ["| mix | docs | ranks | strategy | make_plan ms | + every rank's schedule ms | work max/mean | "
              "KV tokens sent (fwd) |", "|---|---|---|---|---|---|---|---|"]
     for mix, gen in MIXES.items():
         lengths = gen(tokens)
         cu = ringpack.lengths_to_cu_seqlens(lengths).tolist()
         for world in (2, 4, 8):
             for strategy in ringpack.STRATEGIES:
-                def full(_=None, cu=cu, world=world, strategy=strategy):
-                    plan = ringpack.make_plan(cu, world, strategy=strategy)
-                    costs = [plan.cost(r) for r in range(world)]
-                    return plan, costs, sum(map(sum, plan.send_tokens))
-                made = timed(lambda _: ringpack.make_plan(cu, world, strategy=strategy), repeats)
-                everything = timed(full, repeats)
-                _, costs, sent = full()
+                def plan(_=None, cu=cu, world=world, strategy=strategy):
+                    return ringpack.make_plan(cu, world, strategy=strategy)
+
+                def every_rank(p):
+                    return [p.cost(r) for r in range(p.world_size)], sum(map(sum, p.send_tokens))
+
+                made, _ = timed(plan, repeats)
+                everything, _ = timed(every_rank, repeats, plan)
+                costs, sent = every_rank(plan())
                 lines.append(f"| {mix} | {len(lengths)} | {world} | {strategy} | {made * 1e3:.1f} | "
                              f"{everything * 1e3:.1f} | {max(costs) / (sum(costs) / world):.3f} | {sent} |")
                 print(lines[-1], flush=True)
@@ -133,19 +150,20 @@ def balance_rows(tokens: int, repeats: int) -> list[str]:
 
 
 def scale_rows(repeats: int) -> list[str]:
-    lines = ["| pack | docs | ranks | strategy | make_plan ms | + one rank, key_depth ms | + one rank, "
-             "key_depth_capped ms | total (capped) ms | tiles of the rank | Python peak MiB | RSS growth MiB | "
-             "bytes per tile |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| pack | docs | ranks | strategy | make_plan ms | + one rank, ring today (exact key_depth of every "
+             "source) ms | + one rank, key_depth_capped ms | total with capped ms (CPU ms) | tiles of the rank | "
+             "Python peak MiB | RSS growth MiB | bytes per tile |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, (gen, worlds) in SCALE.items():
         lengths = gen()
         for world in worlds:
             for strategy in ringpack.STRATEGIES:
-                m = measure_case(lengths, world, strategy, repeats)
-                total = m["make_plan_s"] + m["rank_capped_s"]
+                m = measure_case(name, world, strategy, repeats)
+                total, total_cpu = m["make_plan_s"] + m["rank_capped_s"], m["make_plan_cpu_s"] + m["rank_capped_cpu_s"]
                 per_tile = m["py_peak_mib"] * 2 ** 20 / max(m["mem_rank_tiles"], 1)
                 lines.append(f"| {name} | {len(lengths)} | {world} | {strategy} | {m['make_plan_s'] * 1e3:.1f} | "
-                             f"{m['rank_exact_s'] * 1e3:.1f} | {m['rank_capped_s'] * 1e3:.1f} | {total * 1e3:.1f} | "
-                             f"{m['tiles']} | {m['py_peak_mib']:.1f} | {m['rss_growth_mib']:.1f} | {per_tile:.0f} |")
+                             f"{m['rank_exact_s'] * 1e3:.1f} | {m['rank_capped_s'] * 1e3:.1f} | "
+                             f"{total * 1e3:.1f} ({total_cpu * 1e3:.1f}) | {m['tiles']} | {m['py_peak_mib']:.1f} | "
+                             f"{m['rss_growth_mib']:.1f} | {per_tile:.0f} |")
                 print(lines[-1], flush=True)
     return lines
 

@@ -55,7 +55,9 @@ class PerRank(Sequence):
 
     A rank pays only for what it reads of a plan: its own schedule, not every rank's. Ranks running as threads
     of one process may read one plan at once: a value is stored only when complete, and one computed twice is
-    the same value (plans are deterministic), whichever store wins.
+    the same value (plans are deterministic), whichever store wins. The values live in the plan (``store``);
+    this view is made on each access, so nothing the plan holds refers back to it and a plan dropped is freed
+    at once, not at the next garbage collection.
 
     The cyclic garbage collector is paused while a value is computed: a schedule at scale is hundreds of
     thousands of tiles, NamedTuples, which the collector keeps tracking (it untracks plain tuples only), so
@@ -64,8 +66,8 @@ class PerRank(Sequence):
 
     __slots__ = ("_world", "_compute", "_values")
 
-    def __init__(self, world: int, compute):
-        self._world, self._compute, self._values = world, compute, {}
+    def __init__(self, world: int, compute, store: dict):
+        self._world, self._compute, self._values = world, compute, store
 
     def __len__(self) -> int:
         return self._world
@@ -125,6 +127,14 @@ class Plan:
     def _hash(self) -> int:
         return hash(self._key)
 
+    @functools.cached_property
+    def _store(self) -> dict[str, dict]:
+        """Everything computed so far: per-rank values by name, and the cells (``tiling.cell``) every rank shares."""
+        return {}
+
+    def _per_rank(self, name: str, compute) -> PerRank:
+        return PerRank(self.world_size, compute, self._store.setdefault(name, {}))
+
     @property
     def total_tokens(self) -> int:
         return self.cu_seqlens[-1]
@@ -134,16 +144,17 @@ class Plan:
         """Tokens held by each rank."""
         return self.owners.num_tokens()
 
-    @functools.cached_property
+    @property
     def segments(self) -> PerRank:
         """``[rank]`` -> the rank's segments in local order."""
-        def of(rank: int) -> tuple[Segment, ...]:
-            out, local = [], 0
-            for doc, offset, length in self.owners.segments(rank):
-                out.append(Segment(doc, offset, self.cu_seqlens[doc] + offset, length, local))
-                local += length
-            return tuple(out)
-        return PerRank(self.world_size, of)
+        return self._per_rank("segments", self._segments_of)
+
+    def _segments_of(self, rank: int) -> tuple[Segment, ...]:
+        out, local = [], 0
+        for doc, offset, length in self.owners.segments(rank):
+            out.append(Segment(doc, offset, self.cu_seqlens[doc] + offset, length, local))
+            local += length
+        return tuple(out)
 
     def local_cu_seqlens(self, rank: int) -> tuple[int, ...]:
         """Boundaries of ``rank``'s segments in its shard (one sequence per segment)."""
@@ -156,51 +167,44 @@ class Plan:
         parts = [torch.arange(s.doc_offset, s.doc_offset + s.length) for s in self.segments[rank]]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
-    @functools.cached_property
+    @property
     def ranges(self) -> PerRank:
         """Per rank, maximal (global start, length) runs in local order; shard/unshard copy these."""
-        def of(rank: int) -> tuple[tuple[int, int], ...]:
-            runs: list[list[int]] = []
-            for s in self.segments[rank]:
-                if runs and runs[-1][0] + runs[-1][1] == s.start:
-                    runs[-1][1] += s.length
-                else:
-                    runs.append([s.start, s.length])
-            return tuple((a, n) for a, n in runs)
-        return PerRank(self.world_size, of)
+        return self._per_rank("ranges", self._ranges_of)
 
-    @functools.cached_property
-    def _documents(self) -> PerRank:
-        """Per rank, its documents in local order: (document, first row in the shard, layout)."""
-        def of(rank: int) -> list[tiling.Document]:
-            out: list[tiling.Document] = []
-            for s in self.segments[rank]:
-                if out and out[-1][0] == s.doc:
-                    out[-1] = (s.doc, out[-1][1], out[-1][2] + ((s.doc_offset, s.length),))
-                else:
-                    out.append((s.doc, s.local_start, ((s.doc_offset, s.length),)))
-            return out
-        return PerRank(self.world_size, of)
+    def _ranges_of(self, rank: int) -> tuple[tuple[int, int], ...]:
+        runs: list[list[int]] = []
+        for s in self.segments[rank]:
+            if runs and runs[-1][0] + runs[-1][1] == s.start:
+                runs[-1][1] += s.length
+            else:
+                runs.append([s.start, s.length])
+        return tuple((a, n) for a, n in runs)
 
-    @functools.cached_property
+    def _documents(self, rank: int) -> list[tiling.Document]:
+        """``rank``'s documents in local order: (document, first row in the shard, layout)."""
+        out: list[tiling.Document] = []
+        for s in self.segments[rank]:
+            if out and out[-1][0] == s.doc:
+                out[-1] = (s.doc, out[-1][1], out[-1][2] + ((s.doc_offset, s.length),))
+            else:
+                out.append((s.doc, s.local_start, ((s.doc_offset, s.length),)))
+        return out
+
+    @property
     def _rows(self) -> PerRank:
-        return PerRank(self.world_size, lambda rank: tiling.row(self.owners, rank, self._documents[rank],
-                                                                self.causal, self.window_size, self._cells))
+        return self._per_rank("rows", lambda rank: tiling.row(self.owners, rank, self._documents(rank), self.causal,
+                                                              self.window_size, self._store.setdefault("cells", {})))
 
-    @functools.cached_property
+    @property
     def _columns(self) -> PerRank:
-        return PerRank(self.world_size, lambda rank: tiling.column(self.owners, rank, self.causal, self.window_size,
-                                                                   self._cells))
+        return self._per_rank("columns", lambda rank: tiling.column(self.owners, rank, self.causal, self.window_size,
+                                                                    self._store.setdefault("cells", {})))
 
-    @functools.cached_property
-    def _cells(self) -> dict:
-        """The cells made so far (``tiling.cell``), shared by every rank's row and column."""
-        return {}
-
-    @functools.cached_property
+    @property
     def steps(self) -> PerRank:
         """``[rank][step]`` -> a :class:`~ringpack.schedule.Step`; ``len(steps[rank]) == world_size``."""
-        return PerRank(self.world_size, lambda rank: self._rows[rank].steps)
+        return self._per_rank("steps", lambda rank: self._rows[rank].steps)
 
     def send_runs(self, rank: int, step: int) -> tuple[tuple[int, int], ...]:
         """Rows of ``rank``'s shard it sends at ``step`` (to rank ``rank + step``); empty at step 0."""
@@ -212,57 +216,52 @@ class Plan:
 
         Every rank walks its own busy steps in this order, so the exchanges of two ranks are posted in the
         same relative order on both ends (what point-to-point matching needs) and an idle step costs nothing."""
-        return self._busy[rank]
+        return self._per_rank("busy", lambda r: tuple(sorted({0, *self._rows[r].steps.computing(),
+                                                              *self._columns[r].sends})))[rank]
 
-    @functools.cached_property
-    def _busy(self) -> PerRank:
-        return PerRank(self.world_size, lambda rank: tuple(sorted({0, *self._rows[rank].steps.computing(),
-                                                                   *self._columns[rank].sends})))
-
-    @functools.cached_property
+    @property
     def send_tokens(self) -> PerRank:
         """KV tokens each rank sends at each forward step (``[rank][step]``; step 0 is local and sends none).
 
         Bytes on the wire are ``tokens * 2 * Hk * D * itemsize``; the backward sends the same KV and
         returns the dK/dV of the same rows to their owner (16-bit where ``key_depth`` allows, else fp32).
         """
-        def of(rank: int) -> tuple[int, ...]:
-            counts = [0] * self.world_size
-            for s, runs in self._columns[rank].sends.items():
-                counts[s] = sum(n for _, n in runs)
-            return tuple(counts)
-        return PerRank(self.world_size, of)
+        return self._per_rank("send_tokens", self._send_tokens_of)
 
-    @functools.cached_property
+    def _send_tokens_of(self, rank: int) -> tuple[int, ...]:
+        counts = [0] * self.world_size
+        for s, runs in self._columns[rank].sends.items():
+            counts[s] = sum(n for _, n in runs)
+        return tuple(counts)
+
+    @property
     def query_depth(self) -> PerRank:
         """Per rank, the most partial results one query row receives: the waves (of all steps) covering it.
 
         A wave's tiles have disjoint rows, so each wave gives a row at most one partial ``out``/``dq``."""
-        return PerRank(self.world_size, lambda rank: self._rows[rank].query_depth)
+        return self._per_rank("query_depth", lambda rank: self._rows[rank].query_depth)
 
-    @functools.cached_property
+    @property
     def key_depth(self) -> PerRank:
         """Per rank, the most partial dK/dV one of its key rows receives: the tiles of every rank and step reading it.
 
         Tiles of one wave may read the same keys (their query rows are disjoint, not their keys), so tiles are
-        counted here, not waves. Exact, and it costs the rank's whole column (the tiles of every rank reading
-        it); :meth:`key_depth_capped` answers ``min(key_depth, cap)`` for less."""
-        return PerRank(self.world_size, lambda rank: max(self._columns[rank].key_depth, int(self.num_tokens[rank] > 0)))
+        counted here, not waves. Exact; it costs the rank's whole column (the tiles of every rank reading it),
+        where :meth:`key_depth_capped` stops at the first document deep enough. A rank's documents that no other
+        rank holds are one tile per key row: depth 1."""
+        return self._per_rank("key_depth", lambda rank: max(self._columns[rank].key_depth,
+                                                            int(self.num_tokens[rank] > 0)))
 
     def key_depth_capped(self, rank: int, cap: int) -> int:
         """``min(key_depth[rank], cap)``, exact, reading the rank's documents only until one of them reaches ``cap``.
 
-        Asking whether a key's partial gradients stay below a depth costs a few documents of every source where
-        the depth is high (zigzag cuts: the first one cut over the ranks), instead of every rank's tiles."""
-        found = self._capped.get((rank, cap))
-        if found is None:  # a rank's own tokens are one tile per key row where no other rank holds their document
-            shared = tiling.key_depth_capped(self.owners, rank, self.causal, self.window_size, cap, self._cells)
-            found = self._capped.setdefault((rank, cap), min(cap, max(shared, int(self.num_tokens[rank] > 0))))
-        return found
-
-    @functools.cached_property
-    def _capped(self) -> dict[tuple[int, int], int]:
-        return {}
+        Whether a key's partial gradients stay below a depth costs a few documents of each source where the
+        depth is high (zigzag cuts: the first one cut over the ranks), instead of the tiles of every rank."""
+        def capped(r: int) -> int:
+            shared = tiling.key_depth_capped(self.owners, r, self.causal, self.window_size, cap,
+                                             self._store.setdefault("cells", {}))
+            return min(cap, max(shared, int(self.num_tokens[r] > 0)))
+        return self._per_rank(f"key_depth_capped {cap}", capped)[rank]
 
     def tiles_per_step(self, rank: int) -> tuple[int, ...]:
         return tuple(len(step.tiles) for step in self.steps[rank])

@@ -23,7 +23,7 @@ import bisect
 from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
-from ringpack.mask import band, band_pairs
+from ringpack.mask import band_pairs, clipped_band
 from ringpack.partition import Layout, Owners
 from ringpack.schedule import Runs, Step, Tile, Wave, band_tile, prefix_sums, tile
 
@@ -53,10 +53,9 @@ def cell(q_layout: Layout, k_layout: Layout, causal: bool, window: tuple[int, in
     for i, (q_offset, q_len) in enumerate(q_layout):
         k_row = 0
         for k_offset, k_len in k_layout:
-            lo, hi = band(q_offset, k_offset, causal, window)
-            lo, hi = max(lo, 1 - q_len), min(hi, k_len - 1)
-            if lo <= hi:
-                pairs.append((i, q_row, q_len, k_row, k_len, int(lo), int(hi)))
+            visible = clipped_band(q_offset, q_len, k_offset, k_len, causal, window)
+            if visible is not None:
+                pairs.append((i, q_row, q_len, k_row, k_len, *visible))
             k_row += k_len
         q_row += q_len
     if not pairs:
@@ -208,20 +207,19 @@ def row(owners: Owners, rank: int, documents: list[Document], causal: bool, wind
     the document sits in the shard (queries, and keys at step 0) and in the step's received rows (keys later)."""
     world = owners.world
     memo: dict[tuple, tuple] = {}
-    builders: dict[int, _StepBuilder] = {}
+    builders: list[_StepBuilder | None] = [None] * world
     depth = work = 0
     for doc, first, layout in documents:
         key = owners.pattern(doc)
         found = memo.get(key) if key is not None else None
         if found is None:
-            found = _queries(owners.holders(doc), rank, layout, causal, window, cells)
+            found = _queries(owners.holders(doc), rank, world, layout, causal, window, cells)
             if key is not None:
                 memo[key] = found
         doc_cells, doc_depth, pairs = found
         depth, work = max(depth, doc_depth), work + pairs
-        for source, c in doc_cells:  # the tile loop is the cost of a zigzag plan: kept flat
-            s = (rank - source) % world
-            b = builders.get(s)
+        for s, c in doc_cells:  # the tile loop is the cost of a zigzag plan: kept flat
+            b = builders[s]
             if b is None:
                 b = builders[s] = _StepBuilder()
             if s:
@@ -236,13 +234,14 @@ def row(owners: Owners, rank: int, documents: list[Document], causal: bool, wind
                 if w == len(waves):
                     waves.append([])
                 waves[w].append(_new(Tile, (q_start + first, q_len, k_start + k_shift, k_len, lo, hi, n, left, right)))
-    steps = {s: b.finish((rank - s) % world, owners, s == 0) for s, b in sorted(builders.items())}
+    steps = {s: b.finish((rank - s) % world, owners, s == 0) for s, b in enumerate(builders) if b is not None}
     return Row(Steps(rank, world, steps), depth, work)
 
 
-def _queries(holders, rank: int, layout: Layout, causal: bool, window: tuple[int, int], memo: dict):
-    """``rank``'s cells of one document against each holder, the most tiles on one of its rows, their pairs."""
-    cells = [(source, c) for source, k_layout in holders
+def _queries(holders, rank: int, world: int, layout: Layout, causal: bool, window: tuple[int, int], memo: dict):
+    """``rank``'s cells of one document against each holder (with the step it is at), the most tiles on one of its
+    rows, their pairs."""
+    cells = [((rank - source) % world, c) for source, k_layout in holders
              for c in [cell(layout, k_layout, causal, window, compact=source != rank, memo=memo)] if c is not None]
     tiles = [t for _, c in cells for t in c.tiles]
     return cells, deepest((t.q_start, t.q_start + t.q_len) for t in tiles), sum(t.pairs for t in tiles)
