@@ -197,9 +197,9 @@ class Plan:
                                                               self.window_size, self._store.setdefault("cells", {})))
 
     @property
-    def _columns(self) -> PerRank:
-        return self._per_rank("columns", lambda rank: tiling.column(self.owners, rank, self.causal, self.window_size,
-                                                                    self._store.setdefault("cells", {})))
+    def _sends(self) -> PerRank:
+        return self._per_rank("sends", lambda rank: tiling.sends(self.owners, rank, self.causal, self.window_size,
+                                                                 self._store.setdefault("cells", {})))
 
     @property
     def steps(self) -> PerRank:
@@ -209,7 +209,7 @@ class Plan:
     def send_runs(self, rank: int, step: int) -> tuple[tuple[int, int], ...]:
         """Rows of ``rank``'s shard it sends at ``step`` (to rank ``rank + step``); empty at step 0."""
         step = range(self.world_size)[step]
-        return self._columns[rank].sends.get(step, ()) if step else ()
+        return self._sends[rank].get(step, ()) if step else ()
 
     def busy_steps(self, rank: int) -> tuple[int, ...]:
         """The steps at which ``rank`` computes, sends or receives, ascending; step 0 always.
@@ -217,7 +217,7 @@ class Plan:
         Every rank walks its own busy steps in this order, so the exchanges of two ranks are posted in the
         same relative order on both ends (what point-to-point matching needs) and an idle step costs nothing."""
         return self._per_rank("busy", lambda r: tuple(sorted({0, *self._rows[r].steps.computing(),
-                                                              *self._columns[r].sends})))[rank]
+                                                              *self._sends[r]})))[rank]
 
     @property
     def send_tokens(self) -> PerRank:
@@ -230,7 +230,7 @@ class Plan:
 
     def _send_tokens_of(self, rank: int) -> tuple[int, ...]:
         counts = [0] * self.world_size
-        for s, runs in self._columns[rank].sends.items():
+        for s, runs in self._sends[rank].items():
             counts[s] = sum(n for _, n in runs)
         return tuple(counts)
 
@@ -249,19 +249,19 @@ class Plan:
         counted here, not waves. Exact; it costs the rank's whole column (the tiles of every rank reading it),
         where :meth:`key_depth_capped` stops at the first document deep enough. A rank's documents that no other
         rank holds are one tile per key row: depth 1."""
-        return self._per_rank("key_depth", lambda rank: max(self._columns[rank].key_depth,
-                                                            int(self.num_tokens[rank] > 0)))
+        return self._per_rank("key_depth", lambda rank: self._key_depth(rank, None))
 
     def key_depth_capped(self, rank: int, cap: int) -> int:
         """``min(key_depth[rank], cap)``, exact, reading the rank's documents only until one of them reaches ``cap``.
 
         Whether a key's partial gradients stay below a depth costs a few documents of each source where the
         depth is high (zigzag cuts: the first one cut over the ranks), instead of the tiles of every rank."""
-        def capped(r: int) -> int:
-            shared = tiling.key_depth_capped(self.owners, r, self.causal, self.window_size, cap,
-                                             self._store.setdefault("cells", {}))
-            return min(cap, max(shared, int(self.num_tokens[r] > 0)))
-        return self._per_rank(f"key_depth_capped {cap}", capped)[rank]
+        return self._per_rank(f"key_depth_capped {cap}", lambda r: min(cap, self._key_depth(r, cap)))[rank]
+
+    def _key_depth(self, rank: int, cap: int | None) -> int:
+        shared = tiling.key_depth(self.owners, rank, self.causal, self.window_size, self._store.setdefault("cells", {}),
+                                  cap)
+        return max(shared, int(self.num_tokens[rank] > 0))  # a document no other rank holds: one tile per key row
 
     def tiles_per_step(self, rank: int) -> tuple[int, ...]:
         return tuple(len(step.tiles) for step in self.steps[rank])

@@ -278,96 +278,75 @@ def _append_runs(runs: list[tuple[int, int]], more: Runs, shift: int) -> None:
             runs.append((a, n))
 
 
-class Column(NamedTuple):
-    """What the other ranks read of one rank: the rows it sends at each step, the most tiles reading one key row
-    of the documents it shares (a document no other rank holds is one tile per row: depth 1)."""
-
-    sends: dict[int, Runs]  # step -> rows of this rank's shard sent to rank + step
-    key_depth: int
-
-
-def column(owners: Owners, rank: int, causal: bool, window: tuple[int, int], cells: dict) -> Column:
-    docs, reads, depth = [], [], 0
-    for doc, (by_target, doc_depth) in _shared_keys(owners, rank, causal, window, cells):
-        depth = max(depth, doc_depth)
+def sends(owners: Owners, rank: int, causal: bool, window: tuple[int, int], cells: dict) -> dict[int, Runs]:
+    """The rows of ``rank``'s shard it sends at each step (to rank + step): what each other holder of each document
+    it shares reads of it, in local order."""
+    docs, reads = [], []
+    for doc, by_target in _shared(owners, rank, lambda holders, layout: tuple(
+            (target, c.reads) for target, q_layout in holders if target != rank
+            for c in [cell(q_layout, layout, causal, window, compact=True, memo=cells)] if c is not None)):
         if by_target:
             docs.append(doc)
             reads.append(by_target)
-    sends: dict[int, list[tuple[int, int]]] = {}
+    out: dict[int, list[tuple[int, int]]] = {}
     for first, by_target in zip(owners.first_rows(rank, docs), reads):
         for target, runs in by_target:
-            _append_runs(sends.setdefault((target - rank) % owners.world, []), runs, first)
-    return Column({s: tuple(runs) for s, runs in sorted(sends.items())}, depth)
+            _append_runs(out.setdefault((target - rank) % owners.world, []), runs, first)
+    return {s: tuple(runs) for s, runs in sorted(out.items())}
 
 
-def _shared_keys(owners: Owners, rank: int, causal: bool, window: tuple[int, int], cells: dict):
-    """Per document ``rank`` shares, in local order: what the other holders read of it (``_keys``)."""
-    memo: dict[tuple, tuple] = {}
+def key_depth(owners: Owners, rank: int, causal: bool, window: tuple[int, int], cells: dict,
+              cap: int | None = None) -> int:
+    """The most tiles (of every rank and step) reading one key row of the documents ``rank`` shares; with ``cap``,
+    ``min(cap, that)``, walking the documents, and each one's holders, only until ``cap`` is reached."""
+    depth = 0
+    for _, found in _shared(owners, rank, lambda holders, layout: _doc_key_depth(holders, rank, layout, causal,
+                                                                              window, cells, cap)):
+        depth = max(depth, found)
+        if cap is not None and depth >= cap:
+            return cap
+    return depth
+
+
+def _shared(owners: Owners, rank: int, of):
+    """``(document, of(holders, rank's layout))`` per document ``rank`` shares, in local order, ``of`` made once
+    per pattern of documents."""
+    memo: dict[tuple, object] = {}
     for doc, layout in owners.shared(rank):
         key = owners.pattern(doc)
-        found = memo.get(key) if key is not None else None
-        if found is None:
-            found = _keys(owners.holders(doc), rank, layout, causal, window, cells)
+        found = memo.get(key, memo) if key is not None else memo
+        if found is memo:
+            found = of(owners.holders(doc), layout)
             if key is not None:
                 memo[key] = found
         yield doc, found
 
 
-def key_depth_capped(owners: Owners, rank: int, causal: bool, window: tuple[int, int], cap: int,
-                     cells: dict) -> int:
-    """``min(cap, key depth of the documents rank shares)``, walking them, and each one's holders, only until
-    ``cap`` is reached."""
-    memo: dict[tuple, int] = {}
-    depth = 0
-    for doc, layout in owners.shared(rank):
-        key = owners.pattern(doc)
-        found = memo.get(key) if key is not None else None
-        if found is None:
-            found = _capped_depth(owners.holders(doc), rank, layout, causal, window, cap, cells)
-            if key is not None:
-                memo[key] = found
-        depth = max(depth, found)
-        if depth >= cap:
-            return cap
-    return depth
-
-
-def _capped_depth(holders, rank: int, layout: Layout, causal: bool, window: tuple[int, int], cap: int,
-                  memo: dict) -> int:
-    """``min(cap, most tiles reading one row of rank's part of a document)``; counted after 1, 2, 4... holders."""
-    spans: list[tuple[int, int]] = []
-    check = 1
-    for i, (target, q_layout) in enumerate(holders, 1):
-        c = cell(q_layout, layout, causal, window, compact=target != rank, memo=memo)
-        if c is not None:
-            spans.extend(_key_spans(c, target == rank))
-        if i == check or i == len(holders):
-            if deepest(spans) >= cap:
-                return cap
-            check *= 2
-    return deepest(spans)
-
-
-def _keys(holders, rank: int, layout: Layout, causal: bool, window: tuple[int, int], memo: dict):
-    """The rows every other holder reads of ``rank``'s part of one document, and the most tiles reading one row.
+def _doc_key_depth(holders, rank: int, layout: Layout, causal: bool, window: tuple[int, int], memo: dict,
+                   cap: int | None) -> int:
+    """The most tiles reading one row of ``rank``'s part of a document (``min(cap, ...)``: counted after 1, 2, 4...
+    holders, stopping once it is reached).
 
     Tiles of one wave may read the same keys (their query rows are disjoint, not their keys), so tiles are counted,
     not waves. A received tile's keys index the rows read: ``reads`` maps them back::
 
         reads (40, 8), (4, 2): buffer rows 0..7 are rows 40..47, buffer rows 8..9 are 4..5
     """
-    sends, spans = [], []
-    for target, q_layout in holders:
+    spans: list[tuple[int, int]] = []
+    check = 1
+    for i, (target, q_layout) in enumerate(holders, 1):
         c = cell(q_layout, layout, causal, window, compact=target != rank, memo=memo)
         if c is not None:
             spans.extend(_key_spans(c, target == rank))
-            if target != rank:
-                sends.append((target, c.reads))
-    return tuple(sends), deepest(spans)
+        if cap is not None and (i == check or i == len(holders)):
+            if deepest(spans) >= cap:
+                return cap
+            check *= 2
+    return deepest(spans)
 
 
 def _key_spans(c: Cell, local: bool) -> list[tuple[int, int]]:
-    """The key rows each tile of ``c`` reads, as rows of the source's part of the document (see ``_keys``)."""
+    """The key rows each tile of ``c`` reads, as rows of the source's part of the document."""
     if local:
         return [(t.k_start, t.k_start + t.k_len) for t in c.tiles]
     out = []

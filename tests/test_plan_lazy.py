@@ -74,7 +74,7 @@ def test_layout_plan_equals_eager_planner_on_the_layout_runs(strategy):
 def test_balanced_owns_what_the_old_search_owned(world, causal, window):
     """The search prunes tries that can no longer win and grows the cut documents' loads incrementally: the
     documents it keeps whole, cuts and places must be exactly the old search's (2000 and 20k documents)."""
-    for lengths in (n_docs(1 << 18, 2000, seed=5), GENERATED["long-tail"](1 << 20), n_docs(1 << 18, 20_000)):
+    for lengths in (n_docs(1 << 18, 2000, seed=5), GENERATED["long-tail"](1 << 19), n_docs(1 << 18, 20_000)):
         cu = tuple(ringpack.lengths_to_cu_seqlens(lengths).tolist())
         old = eager_plan.balanced(cu, world, causal, window)
         plan = ringpack.make_plan(cu, world, causal=causal, window_size=window)
