@@ -13,8 +13,8 @@ one, and a step is its documents' cells shifted to where each document sits::
       step    d0's tiles + (d0's first row on r, 0), d1's + (d1's first row on r, 8 = what d0 reads)
               recv_runs: d0's reads + d0's first row on the source, then d1's (merged where they touch)
 
-A rank's row (its steps) and its column (what the others read of it: its sends, its key depth) are each one walk
-over its own documents and their holders; nothing here needs another rank's whole schedule.
+A rank's steps, its sends (what the others read of it) and its key depth are each one walk over its own documents
+(the ones it shares, for the last two) and their holders; nothing here needs another rank's schedule.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ from mixes import n_docs
 from test_plan import MASKS, MIXES
 
 import ringpack
+from ringpack import partition
+from ringpack.partition import CostModel
 
 CASES = {**{name: list(lengths) for name, lengths in MIXES.items()},
          "long-tail-4k": GENERATED["long-tail"](4096, seed=3),
@@ -79,6 +81,32 @@ def test_balanced_owns_what_the_old_search_owned(world, causal, window):
         old = eager_plan.balanced(cu, world, causal, window)
         plan = ringpack.make_plan(cu, world, causal=causal, window_size=window)
         assert plan.ranges == eager_plan.ranges(cu, old)
+
+
+@pytest.mark.parametrize("targets", [(1.10, 1.005), (1.005, 1.10), (1.0, 1.0), (1.5, 1.5)])
+def test_balanced_search_keeps_the_old_rule_under_other_targets(targets):
+    """With unequal targets an earlier try over one of them can have the lower worse ratio than the first try under
+    both (the old search then kept the earlier one), and with unreachable targets every try is over: the pruned
+    search must place those tries in full and pick what the old one picked."""
+    cost = CostModel(target_imbalance=targets[0], target_token_imbalance=targets[1])
+    for lengths in (n_docs(1 << 16, 700, seed=7), GENERATED["giant-plus-crumbs"](1 << 16, seed=2)):
+        cu = tuple(ringpack.lengths_to_cu_seqlens(lengths).tolist())
+        for world in (3, 8, 32):
+            old = eager_plan.ranges(cu, eager_plan.balanced(cu, world, True, (-1, -1), cost=cost))
+            new = partition.balanced(cu, world, True, (-1, -1), cost=cost)
+            assert tuple(tuple(_runs(cu, new.segments(r))) for r in range(world)) == old, (targets, world)
+
+
+def _runs(cu, segments):
+    """Maximal (global start, length) runs of ``Owners.segments``, as ``Plan.ranges`` has them."""
+    out: list[list[int]] = []
+    for doc, offset, length in segments:
+        start = cu[doc] + offset
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1][1] += length
+        else:
+            out.append([start, length])
+    return [(a, n) for a, n in out]
 
 
 def test_wide_ring_with_few_tokens_keeps_only_busy_steps():
