@@ -44,3 +44,14 @@ MIXES = {
     "uniform-2k": lambda total, seed=0: uniform(total, 2048),
     "giant-plus-crumbs": lambda total, seed=0: giant_plus_crumbs(total, seed=seed),
 }
+
+
+def n_docs(total: int, docs: int, *, seed: int = 0, sigma: float = 1.6) -> list[int]:
+    """Exactly ``docs`` documents of at least one token each, log-normal lengths, adding up to ``total``."""
+    rng = random.Random(seed)
+    weights = [rng.lognormvariate(0.0, sigma) for _ in range(docs)]
+    scale = (total - docs) / sum(weights)
+    lengths = [1 + int(w * scale) for w in weights]
+    for i in range(total - sum(lengths)):  # the rounding remainder, one token each
+        lengths[i] += 1
+    return lengths

@@ -25,6 +25,23 @@ def band(q_offset: int, k_offset: int, causal: bool, window: tuple[int, int]) ->
     return lo, hi
 
 
+def clipped_band(q_offset: int, q_len: int, k_offset: int, k_len: int, causal: bool,
+                 window: tuple[int, int]) -> tuple[int, int] | None:
+    """``band`` clipped to ``q_len`` query rows x ``k_len`` keys (``1 - q_len <= lo <= hi <= k_len - 1``), in ints;
+    None when no pair of the rectangle is visible. The same rule as ``band``, without its infinities: a plan asks
+    this for every segment pair it schedules."""
+    delta = q_offset - k_offset
+    left, right = window
+    lo, hi = 1 - q_len, k_len - 1
+    if causal and delta < hi:
+        hi = delta
+    if right >= 0 and delta + right < hi:
+        hi = delta + right
+    if left >= 0 and delta - left > lo:
+        lo = delta - left
+    return (lo, hi) if lo <= hi else None
+
+
 def band_pairs(q_len: int, k_len: int, lo: float, hi: float) -> int:
     """Number of (a, b) in ``[0, q_len) x [0, k_len)`` with ``lo <= b - a <= hi``, in O(1)."""
     if q_len <= 0 or k_len <= 0 or lo > hi:

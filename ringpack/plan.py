@@ -16,22 +16,25 @@ moves nothing and computes nothing, so a window or whole-document placement shri
       step 0: r0: c0xc0 c3xc3(band) c3xc0(full)   r1: c1xc1 c2xc2(band) c2xc1(full)
       step 1: r0: c3xc1 c3xc2(full)               r1: c1xc0 c2xc0(full)
 
-Everything is computed once on the host from the global ``cu_seqlens``; no device is touched.
+Everything is computed on the host from the global ``cu_seqlens``; no device is touched. ``make_plan`` only
+partitions; each rank's steps are built from its own documents when first read (``tiling``), so a rank of a
+64-way ring of 10k documents, or of a 4096-way ring, pays for its own tiles, not for every rank's.
 """
 
 from __future__ import annotations
 
-import bisect
 import functools
+import gc
+import itertools
+import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
-from ringpack import partition
-from ringpack.mask import band, band_pairs
-from ringpack.schedule import Step, Tile, Wave, band_tile, prefix_sums, tile
+from ringpack import partition, tiling
+from ringpack.schedule import prefix_sums
 from ringpack.validation import boolean, integer
 
 STRATEGIES = tuple(partition.STRATEGIES)
@@ -47,17 +50,90 @@ class Segment(NamedTuple):
     local_start: int  # row of the first token in the owner's local shard
 
 
-@dataclass(frozen=True)
+class PerRank(Sequence):
+    """One value per rank (``[rank]``, ``len() == world_size``), each computed when first read and then kept.
+
+    A rank pays only for what it reads of a plan: its own schedule, not every rank's. Ranks running as threads
+    of one process may read one plan at once: a value is stored only when complete, and one computed twice is
+    the same value (plans are deterministic), whichever store wins. The values live in the plan (``store``);
+    this view is made on each access, so nothing the plan holds refers back to it and a plan dropped is freed
+    at once, not at the next garbage collection.
+
+    The cyclic garbage collector is paused while a value is computed: a schedule at scale is hundreds of
+    thousands of tiles, NamedTuples, which the collector keeps tracking (it untracks plain tuples only), so
+    building one would trigger several full collections of the whole heap on the way (half the time of a
+    64-way zigzag row). Tiles form no cycles. Of threads computing at once, the one that paused it resumes it."""
+
+    __slots__ = ("_world", "_compute", "_values")
+
+    def __init__(self, world: int, compute, store: dict):
+        self._world, self._compute, self._values = world, compute, store
+
+    def __len__(self) -> int:
+        return self._world
+
+    def __getitem__(self, rank):
+        if isinstance(rank, slice):
+            return tuple(self[r] for r in range(self._world)[rank])
+        r = range(self._world)[rank]  # negative indices and IndexError as a tuple has them
+        found = self._values.get(r, self)
+        if found is not self:
+            return found
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            return self._values.setdefault(r, self._compute(r))
+        finally:
+            if paused:
+                gc.enable()
+
+    def __iter__(self):
+        return (self[r] for r in range(self._world))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, (PerRank, tuple)) and tuple(self) == tuple(other)
+
+    def __repr__(self) -> str:
+        return f"PerRank({self._world} ranks, {len(self._values)} computed)"
+
+
+@dataclass(frozen=True, eq=False)
 class Plan:
-    """Who owns which token and what every rank computes at every step. Frozen and deterministic."""
+    """Who owns which token and what every rank computes at every step. Frozen and deterministic.
+
+    Everything per rank (segments, steps, sends, depths) is computed on first access and kept, each from the
+    ownership alone, so ``make_plan`` costs the partition and a rank's schedule costs that rank's tiles. Two
+    plans are equal when they are made for the same pack, ranks and mask and own the same tokens: then every
+    schedule is the same."""
 
     cu_seqlens: tuple[int, ...]  # global document boundaries
     world_size: int
     strategy: str
     causal: bool
     window_size: tuple[int, int]
-    segments: tuple[tuple[Segment, ...], ...]  # [rank] -> owned segments in local order
-    steps: tuple[tuple[Step, ...], ...]  # [rank][step]
+    owners: partition.Owners = field(repr=False)  # who owns which token; a plan made with ``layout=`` shares it
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Plan) and self._key == other._key
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    @functools.cached_property
+    def _key(self) -> tuple:
+        return (self.cu_seqlens, self.world_size, self.strategy, self.causal, self.window_size, self.owners.key)
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash(self._key)
+
+    @functools.cached_property
+    def _store(self) -> dict[str, dict]:
+        """Everything computed so far: per-rank values by name, and the cells (``tiling.cell``) every rank shares."""
+        return {}
+
+    def _per_rank(self, name: str, compute) -> PerRank:
+        return PerRank(self.world_size, compute, self._store.setdefault(name, {}))
 
     @property
     def total_tokens(self) -> int:
@@ -66,7 +142,19 @@ class Plan:
     @functools.cached_property
     def num_tokens(self) -> tuple[int, ...]:
         """Tokens held by each rank."""
-        return tuple(sum(s.length for s in segs) for segs in self.segments)
+        return self.owners.num_tokens()
+
+    @property
+    def segments(self) -> PerRank:
+        """``[rank]`` -> the rank's segments in local order."""
+        return self._per_rank("segments", self._segments_of)
+
+    def _segments_of(self, rank: int) -> tuple[Segment, ...]:
+        out, local = [], 0
+        for doc, offset, length in self.owners.segments(rank):
+            out.append(Segment(doc, offset, self.cu_seqlens[doc] + offset, length, local))
+            local += length
+        return tuple(out)
 
     def local_cu_seqlens(self, rank: int) -> tuple[int, ...]:
         """Boundaries of ``rank``'s segments in its shard (one sequence per segment)."""
@@ -79,81 +167,101 @@ class Plan:
         parts = [torch.arange(s.doc_offset, s.doc_offset + s.length) for s in self.segments[rank]]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
-    @functools.cached_property
-    def ranges(self) -> tuple[tuple[tuple[int, int], ...], ...]:
+    @property
+    def ranges(self) -> PerRank:
         """Per rank, maximal (global start, length) runs in local order; shard/unshard copy these."""
-        out = []
-        for segs in self.segments:
-            runs: list[list[int]] = []
-            for s in segs:
-                if runs and runs[-1][0] + runs[-1][1] == s.start:
-                    runs[-1][1] += s.length
-                else:
-                    runs.append([s.start, s.length])
-            out.append(tuple((a, n) for a, n in runs))
-        return tuple(out)
+        return self._per_rank("ranges", self._ranges_of)
+
+    def _ranges_of(self, rank: int) -> tuple[tuple[int, int], ...]:
+        runs: list[list[int]] = []
+        for s in self.segments[rank]:
+            if runs and runs[-1][0] + runs[-1][1] == s.start:
+                runs[-1][1] += s.length
+            else:
+                runs.append([s.start, s.length])
+        return tuple((a, n) for a, n in runs)
+
+    def _documents(self, rank: int) -> list[tiling.Document]:
+        """``rank``'s documents in local order: (document, first row in the shard, layout)."""
+        out: list[tiling.Document] = []
+        for s in self.segments[rank]:
+            if out and out[-1][0] == s.doc:
+                out[-1] = (s.doc, out[-1][1], out[-1][2] + ((s.doc_offset, s.length),))
+            else:
+                out.append((s.doc, s.local_start, ((s.doc_offset, s.length),)))
+        return out
+
+    @property
+    def _rows(self) -> PerRank:
+        return self._per_rank("rows", lambda rank: tiling.row(self.owners, rank, self._documents(rank), self.causal,
+                                                              self.window_size, self._store.setdefault("cells", {})))
+
+    @property
+    def _sends(self) -> PerRank:
+        return self._per_rank("sends", lambda rank: tiling.sends(self.owners, rank, self.causal, self.window_size,
+                                                                 self._store.setdefault("cells", {})))
+
+    @property
+    def steps(self) -> PerRank:
+        """``[rank][step]`` -> a :class:`~ringpack.schedule.Step`; ``len(steps[rank]) == world_size``."""
+        return self._per_rank("steps", lambda rank: self._rows[rank].steps)
 
     def send_runs(self, rank: int, step: int) -> tuple[tuple[int, int], ...]:
         """Rows of ``rank``'s shard it sends at ``step`` (to rank ``rank + step``); empty at step 0."""
-        if step == 0:
-            return ()
-        return self.steps[(rank + step) % self.world_size][step].recv_runs
+        step = range(self.world_size)[step]
+        return self._sends[rank].get(step, ()) if step else ()
 
     def busy_steps(self, rank: int) -> tuple[int, ...]:
         """The steps at which ``rank`` computes, sends or receives, ascending; step 0 always.
 
         Every rank walks its own busy steps in this order, so the exchanges of two ranks are posted in the
         same relative order on both ends (what point-to-point matching needs) and an idle step costs nothing."""
-        return self._busy[rank]
+        return self._per_rank("busy", lambda r: tuple(sorted({0, *self._rows[r].steps.computing(),
+                                                              *self._sends[r]})))[rank]
 
-    @functools.cached_property
-    def _busy(self) -> tuple[tuple[int, ...], ...]:
-        return tuple(tuple(s for s in range(self.world_size)
-                           if s == 0 or self.steps[r][s].waves or self.send_runs(r, s))
-                     for r in range(self.world_size))
-
-    @functools.cached_property
-    def send_tokens(self) -> tuple[tuple[int, ...], ...]:
+    @property
+    def send_tokens(self) -> PerRank:
         """KV tokens each rank sends at each forward step (``[rank][step]``; step 0 is local and sends none).
 
         Bytes on the wire are ``tokens * 2 * Hk * D * itemsize``; the backward sends the same KV and
         returns the dK/dV of the same rows to their owner (16-bit where ``key_depth`` allows, else fp32).
         """
-        return tuple(tuple(sum(n for _, n in self.send_runs(r, s)) for s in range(self.world_size))
-                     for r in range(self.world_size))
+        return self._per_rank("send_tokens", self._send_tokens_of)
 
-    @functools.cached_property
-    def query_depth(self) -> tuple[int, ...]:
+    def _send_tokens_of(self, rank: int) -> tuple[int, ...]:
+        counts = [0] * self.world_size
+        for s, runs in self._sends[rank].items():
+            counts[s] = sum(n for _, n in runs)
+        return tuple(counts)
+
+    @property
+    def query_depth(self) -> PerRank:
         """Per rank, the most partial results one query row receives: the waves (of all steps) covering it.
 
         A wave's tiles have disjoint rows, so each wave gives a row at most one partial ``out``/``dq``."""
-        return tuple(_deepest([(t.q_start, t.q_start + t.q_len) for step in steps for t in step.tiles])
-                     for steps in self.steps)
+        return self._per_rank("query_depth", lambda rank: self._rows[rank].query_depth)
 
-    @functools.cached_property
-    def key_depth(self) -> tuple[int, ...]:
+    @property
+    def key_depth(self) -> PerRank:
         """Per rank, the most partial dK/dV one of its key rows receives: the tiles of every rank and step reading it.
 
         Tiles of one wave may read the same keys (their query rows are disjoint, not their keys), so tiles are
-        counted here, not waves. A tile's keys index the received buffer: ``recv_runs`` maps them back::
+        counted here, not waves. Exact; it costs the rank's whole column (the tiles of every rank reading it),
+        where :meth:`key_depth_capped` stops at the first document deep enough. A rank's documents that no other
+        rank holds are one tile per key row: depth 1."""
+        return self._per_rank("key_depth", lambda rank: self._key_depth(rank, None))
 
-            recv_runs (40, 8), (4, 2): buffer rows 0..7 are source rows 40..47, buffer rows 8..9 are 4..5
-        """
-        spans: list[list[tuple[int, int]]] = [[] for _ in range(self.world_size)]
-        for steps in self.steps:
-            for s, step in enumerate(steps):
-                at = prefix_sums(n for _, n in step.recv_runs)  # buffer row of each run's first row
-                for t in step.tiles:
-                    a, b = t.k_start, t.k_start + t.k_len
-                    if s == 0:  # the own shard
-                        spans[step.source].append((a, b))
-                        continue
-                    i = bisect.bisect_right(at, a) - 1
-                    while i < len(step.recv_runs) and at[i] < b:
-                        row = step.recv_runs[i][0]
-                        spans[step.source].append((row + max(a, at[i]) - at[i], row + min(b, at[i + 1]) - at[i]))
-                        i += 1
-        return tuple(_deepest(x) for x in spans)
+    def key_depth_capped(self, rank: int, cap: int) -> int:
+        """``min(key_depth[rank], cap)``, exact, reading the rank's documents only until one of them reaches ``cap``.
+
+        Whether a key's partial gradients stay below a depth costs a few documents of each source where the
+        depth is high (zigzag cuts: the first one cut over the ranks), instead of the tiles of every rank."""
+        return self._per_rank(f"key_depth_capped {cap}", lambda r: min(cap, self._key_depth(r, cap)))[rank]
+
+    def _key_depth(self, rank: int, cap: int | None) -> int:
+        shared = tiling.key_depth(self.owners, rank, self.causal, self.window_size, self._store.setdefault("cells", {}),
+                                  cap)
+        return max(shared, int(self.num_tokens[rank] > 0))  # a document no other rank holds: one tile per key row
 
     def tiles_per_step(self, rank: int) -> tuple[int, ...]:
         return tuple(len(step.tiles) for step in self.steps[rank])
@@ -164,7 +272,7 @@ class Plan:
 
     def work(self, rank: int) -> int:
         """Visible (query, key) pairs this rank computes over all steps."""
-        return sum(t.pairs for step in self.steps[rank] for t in step.tiles)
+        return self._rows[rank].work
 
     def summary(self) -> str:
         """A short human-readable table: tokens, tiles and pairs per rank."""
@@ -177,19 +285,9 @@ class Plan:
         return "\n".join(lines)
 
 
-def _deepest(spans: list[tuple[int, int]]) -> int:
-    """The most ``[start, stop)`` spans that share one row (0 for none)."""
-    edges = sorted((pos, d) for a, b in spans for pos, d in ((a, 1), (b, -1)))
-    depth = deepest = 0
-    for _, d in edges:  # at a shared edge, ends (-1) sort before starts
-        depth += d
-        deepest = max(deepest, depth)
-    return deepest
-
-
 def make_plan(cu_seqlens: Sequence[int] | torch.Tensor, world_size: int, *, strategy: str = "balanced",
               causal: bool = True, window_size: tuple[int, int] = (-1, -1), layout: Plan | None = None) -> Plan:
-    """Partition a packed batch over ``world_size`` ranks and schedule every ring step.
+    """Partition a packed batch over ``world_size`` ranks; every rank's steps follow from it when first read.
 
     ``cu_seqlens`` holds the global document boundaries (int, 1-D, starts at 0, non-decreasing;
     zero-length documents are allowed). Pass a host copy: a CUDA tensor costs one device sync.
@@ -206,25 +304,12 @@ def make_plan(cu_seqlens: Sequence[int] | torch.Tensor, world_size: int, *, stra
     window = validate_window(window_size)
     causal = boolean("causal", causal)
     if layout is None:
-        runs = partition.STRATEGIES[strategy](cu, world_size, causal, window)
+        owners = partition.STRATEGIES[strategy](cu, world_size, causal, window)
     else:
         _check_layout(layout, cu, world_size, strategy)
-        runs = layout.ranges
-    segments = tuple(_segments(cu, rank_runs) for rank_runs in runs)
-    by_doc = [_index_by_doc(segs) for segs in segments]
-    holders: dict[int, int] = {}
-    for segs in by_doc:
-        for doc in segs:
-            holders[doc] = holders.get(doc, 0) + 1
-    # Only documents held by several ranks have tiles after step 0.
-    shared = [tuple(sg for sg in segs if holders[sg.doc] > 1) for segs in segments]
-    steps = tuple(
-        tuple(_step(segments[r] if s == 0 else shared[r], by_doc[(r - s) % world_size], (r - s) % world_size,
-                    causal, window, compact=s > 0)
-              for s in range(world_size))
-        for r in range(world_size))
+        owners = layout.owners
     return Plan(cu_seqlens=cu, world_size=world_size, strategy=strategy, causal=causal, window_size=window,
-                segments=segments, steps=steps)
+                owners=owners)
 
 
 def _check_layout(layout: Plan, cu: tuple[int, ...], world_size: int, strategy: str) -> None:
@@ -269,15 +354,17 @@ def validate_cu_seqlens(cu_seqlens: Sequence[int] | torch.Tensor) -> tuple[int, 
     else:
         if getattr(cu_seqlens, "ndim", 1) != 1:
             raise ValueError(f"cu_seqlens must be 1-D [n_docs + 1], got {cu_seqlens.ndim} dimensions")
-        values = [_boundary(x) for x in cu_seqlens]
+        values = list(cu_seqlens)
+        if not all(type(x) is int for x in values):  # plain ints need no conversion (the common case)
+            values = [_boundary(x) for x in values]
     if not values:
         raise ValueError("cu_seqlens must have at least one entry ([0] for an empty pack)")
     if values[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {values[0]}" + _LENGTHS_HINT)
-    for i in range(1, len(values)):
-        if values[i] < values[i - 1]:
-            raise ValueError(f"cu_seqlens must be non-decreasing, got {values[i - 1]} then {values[i]} at index {i}"
-                             + _LENGTHS_HINT)
+    if not all(map(operator.le, values, itertools.islice(values, 1, None))):
+        i = next(i for i in range(1, len(values)) if values[i] < values[i - 1])
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {values[i - 1]} then {values[i]} at index {i}"
+                         + _LENGTHS_HINT)
     if values[-1] > MAX_TOKENS:
         raise ValueError(f"cu_seqlens ends at {values[-1]} tokens; at most {MAX_TOKENS} (int32) are supported")
     return tuple(values)
@@ -298,131 +385,6 @@ def validate_window(window_size: Sequence[int]) -> tuple[int, int]:
         raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}") from None
     # -1 means unbounded, as in flash attention
     return integer("window_size left", left, minimum=-1), integer("window_size right", right, minimum=-1)
-
-
-def _segments(cu: tuple[int, ...], runs: Sequence[tuple[int, int]]) -> tuple[Segment, ...]:
-    """Cut a rank's global token runs at document boundaries; merge pieces that touch."""
-    segs: list[Segment] = []
-    local = 0
-    for start, length in runs:
-        pos, stop = start, start + length
-        while pos < stop:
-            doc = bisect.bisect_right(cu, pos) - 1
-            end = min(stop, cu[doc + 1])
-            last = segs[-1] if segs else None
-            if last is not None and last.doc == doc and last.start + last.length == pos:
-                segs[-1] = Segment(doc, last.doc_offset, last.start, last.length + end - pos, last.local_start)
-            else:
-                segs.append(Segment(doc, pos - cu[doc], pos, end - pos, local))
-            local += end - pos
-            pos = end
-    return tuple(segs)
-
-
-def _index_by_doc(segs: tuple[Segment, ...]) -> dict[int, list[Segment]]:
-    out: dict[int, list[Segment]] = {}
-    for s in segs:
-        out.setdefault(s.doc, []).append(s)
-    return out
-
-
-def _step(q_segs: tuple[Segment, ...], k_by_doc: dict[int, list[Segment]], source: int, causal: bool,
-          window: tuple[int, int], *, compact: bool) -> Step:
-    tiles, segment_of, doc_of = [], [], []  # tiles of one query segment may overlap after trimming: waves
-    for qs in q_segs:                           # keep them apart
-        for ks in k_by_doc.get(qs.doc, ()):
-            t = band_tile(qs.local_start, qs.length, ks.local_start, ks.length,
-                          *band(qs.doc_offset, ks.doc_offset, causal, window))
-            if t is not None:
-                tiles.append(t)
-                segment_of.append(qs.local_start)
-                doc_of.append(qs.doc)
-    if not compact:
-        return Step(source=source, waves=_waves(*_fuse_tiles(tiles, segment_of, doc_of)))
-    runs = _merge_runs(sorted((t.k_start, t.k_len) for t in tiles))
-    offsets = prefix_sums(n for _, n in runs)  # where each received run starts in the buffer
-    starts = [start for start, _ in runs]
-
-    def moved(t: Tile) -> Tile:
-        i = bisect.bisect_right(starts, t.k_start) - 1
-        return t._replace(k_start=offsets[i] + t.k_start - starts[i])
-
-    return Step(source=source, waves=_waves(*_fuse_tiles([moved(t) for t in tiles], segment_of, doc_of)),
-                recv_runs=tuple(runs))
-
-
-def _merge_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted (start, length) runs -> the union as disjoint, maximal runs."""
-    out: list[list[int]] = []
-    for start, length in runs:
-        if out and start <= out[-1][0] + out[-1][1]:
-            out[-1][1] = max(out[-1][1], start + length - out[-1][0])
-        else:
-            out.append([start, length])
-    return [(a, n) for a, n in out]
-
-
-def _fuse_tiles(tiles: list[Tile], segment_of: list[int],
-                doc_of: list[int]) -> tuple[list[Tile], list[frozenset[int]]]:
-    """Fuse consecutive tiles of one document whose union is one band over their bounding box.
-
-    A rank holding two zigzag chunks ``c0 c3`` of one document gets ``c0xc0``, ``c3xc0`` and ``c3xc3`` at
-    step 0: together one causal square over its shard, one kernel call instead of three::
-
-        c0xc0  .          x . . .
-        c3xc0  c3xc3  ->  x x . .     (local rows c0 c3, keys c0 c3)
-                          x x x .
-                          x x x x
-
-    ``tiles`` come in query-segment, then key-segment order, and the segments of one document are
-    adjacent in a shard, so only neighbours are tried. Two tiles fuse when the band of ``b - a`` spanning
-    both, over their bounding box, holds exactly their pairs (tiles of one step never share a pair, so
-    equal counts mean equal sets); a fused tile is again trimmed, since rows and keys between two that
-    see something see something too. Returns the tiles and, for each, the query segments it covers.
-    """
-    out: list[Tile] = []
-    covers: list[frozenset[int]] = []
-    last_doc = None
-    for t, seg, doc in zip(tiles, segment_of, doc_of):
-        fused = _fuse(out[-1], t) if doc == last_doc else None
-        if fused is None:
-            out.append(t)
-            covers.append(frozenset((seg,)))
-        else:
-            out[-1] = fused
-            covers[-1] = covers[-1] | {seg}
-        last_doc = doc
-    return out, covers
-
-
-def _fuse(a: Tile, b: Tile) -> Tile | None:
-    """The one band tile whose pairs are exactly those of ``a`` and ``b``, or None."""
-    q0, k0 = min(a.q_start, b.q_start), min(a.k_start, b.k_start)
-    q_len = max(a.q_start + a.q_len, b.q_start + b.q_len) - q0
-    k_len = max(a.k_start + a.k_len, b.k_start + b.k_len) - k0
-    # the band of each tile in rows of the bounding box, then the band spanning both
-    lo = min(a.lo + (a.k_start - k0) - (a.q_start - q0), b.lo + (b.k_start - k0) - (b.q_start - q0))
-    hi = max(a.hi + (a.k_start - k0) - (a.q_start - q0), b.hi + (b.k_start - k0) - (b.q_start - q0))
-    lo, hi = max(lo, 1 - q_len), min(hi, k_len - 1)
-    if band_pairs(q_len, k_len, lo, hi) != a.pairs + b.pairs:
-        return None
-    return tile(q0, q_len, k0, k_len, lo, hi, a.pairs + b.pairs)
-
-
-def _waves(tiles: list[Tile], segment_of: list[frozenset[int]]) -> tuple[Wave, ...]:
-    """Group tiles so that no two tiles of one wave cover the same query segment (first fit, order kept)."""
-    groups: list[list[Tile]] = []
-    used: list[set[int]] = []
-    for t, segs in zip(tiles, segment_of):
-        for g, u in zip(groups, used):
-            if u.isdisjoint(segs):
-                g.append(t)
-                u.update(segs)
-                break
-        else:
-            groups.append([t])
-            used.append(set(segs))
-    return tuple(Wave.of(tuple(g)) for g in groups)
 
 
 def check_rank(rank: int, world_size: int) -> int:

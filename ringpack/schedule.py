@@ -20,6 +20,7 @@ Both forms are computed once, here, when the plan is made; backends read them an
 from __future__ import annotations
 
 import functools
+import operator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -87,9 +88,9 @@ class Wave:
 
     @classmethod
     def of(cls, tiles: tuple[Tile, ...]) -> Wave:
-        """The wave of ``tiles``, its hulls computed."""
-        return cls(tiles, (min(t.q_start for t in tiles), max(t.q_start + t.q_len for t in tiles)),
-                   (min(t.k_start for t in tiles), max(t.k_start + t.k_len for t in tiles)))
+        """The wave of ``tiles``, its hulls computed (at C speed: a zigzag step's wave holds thousands of tiles)."""
+        q, q_len, k, k_len = (list(map(operator.itemgetter(i), tiles)) for i in range(4))
+        return cls(tiles, (min(q), max(map(operator.add, q, q_len))), (min(k), max(map(operator.add, k, k_len))))
 
     def __hash__(self) -> int:
         # Kernel layouts are cached per wave and a plan is reused by every layer: hash the tiles once.

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ringpack
-from ringpack.mask import band_pairs
+from ringpack.mask import band, band_pairs, clipped_band
 
 MIXES = {
     "zero-one-primes": (0, 1, 2, 3, 5, 7, 0, 11, 13, 17),
@@ -144,6 +144,22 @@ def test_band_pairs_matches_brute_force():
                 for hi in (-4, -1, 0, 1, 3, 8, inf):
                     brute = sum(1 for a in range(q_len) for b in range(k_len) if lo <= b - a <= hi)
                     assert band_pairs(q_len, k_len, lo, hi) == brute, (q_len, k_len, lo, hi)
+
+
+def test_clipped_band_is_the_band_clipped_to_the_rectangle():
+    """The planner asks ``clipped_band`` (ints) for every segment pair; it must be ``band`` (with its infinities)
+    clipped to the pair's rectangle, and None exactly when no pair of the rectangle is visible."""
+    for causal, window in MASKS + [(False, (-1, 3)), (True, (0, 0))]:
+        for q_offset in range(0, 9, 2):
+            for k_offset in range(0, 9, 3):
+                for q_len in (1, 2, 5):
+                    for k_len in (1, 3, 4):
+                        lo, hi = band(q_offset, k_offset, causal, window)
+                        lo, hi = max(lo, 1 - q_len), min(hi, k_len - 1)
+                        want = (int(lo), int(hi)) if lo <= hi else None
+                        assert clipped_band(q_offset, q_len, k_offset, k_len, causal, window) == want
+                        visible = band_pairs(q_len, k_len, *band(q_offset, k_offset, causal, window))
+                        assert (want is None) == (visible == 0)
 
 
 @pytest.mark.parametrize("strategy", ringpack.STRATEGIES)
