@@ -24,6 +24,7 @@ import torch.distributed as dist
 from harness import Config, Runner, Shape, flops, visible_pairs
 from report import write_results
 
+from ringpack import cli
 from ringpack.backends import Backend, select_backend
 from ringpack.backends.base import BwdPiece, FwdPiece
 from ringpack.comm import Pending, Ring
@@ -243,16 +244,6 @@ def _worker(rank: int, world: int, cfg: Config, init_file: str) -> None:
         dist.destroy_process_group()
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.replace(",", " ").split())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
-
-
 def _names(choices):
     def parse(text: str) -> tuple[str, ...]:
         values = tuple(x for x in text.replace(",", " ").split() if x)
@@ -269,13 +260,16 @@ def parser() -> argparse.ArgumentParser:
     names = ("auto", *BACKENDS)
     p = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--world", type=int, default=None, help="GPUs (processes) to use; default: every visible GPU")
-    p.add_argument("--tokens-per-gpu", type=_ints, default=(8192, 32768, 131072))
+    p.add_argument("--world", type=cli.POSITIVE, default=None,
+                   help="GPUs (processes) to use; default: every visible GPU")
+    p.add_argument("--tokens-per-gpu", type=cli.int_list("integers >= 1 separated by commas", minimum=1),
+                   default=(8192, 32768, 131072), help="(default %(default)s)")
     p.add_argument("--backends", type=_names(names), default=("torch_flash", "auto"),
                    help="ring backends; the last one also runs the overlap, memory and strategy sections")
     p.add_argument("--kernel-backends", type=_names(names), default=("torch_flash", "cudnn", "flex", "auto"))
-    p.add_argument("--kernel-tokens", type=int, default=32768)
-    p.add_argument("--reps", type=int, default=3, help="the fewest timed calls per round")
+    p.add_argument("--kernel-tokens", type=cli.POSITIVE, default=32768, help="(default %(default)s)")
+    p.add_argument("--reps", type=cli.POSITIVE, default=3,
+                   help="the fewest timed calls per round (default %(default)s)")
     p.add_argument("--min-round-s", type=float, default=0.1,
                    help="a timed round lasts at least this long; shorter calls are timed in 5 rounds, median kept")
     p.add_argument("--budget-s", type=float, default=420.0)

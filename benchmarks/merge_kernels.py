@@ -16,7 +16,7 @@ import sys
 import torch
 from harness import report_header, script_environment, script_runner
 
-from ringpack import _ext, _triton, merge
+from ringpack import _ext, _triton, cli, merge
 
 KERNELS = ("extension", "triton", "torch")
 
@@ -37,12 +37,13 @@ def run(kernel: str, acc, lacc, out, lse) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default="8192,32768", help="N values, comma separated (default %(default)s)")
+    p.add_argument("--rows", type=cli.int_list("integers >= 1 separated by commas", minimum=1), default=(8192, 32768),
+                   help="N values (default %(default)s)")
     p.add_argument("--out", default="merge_kernels.json", help="JSON file; the markdown table goes beside it (.md)")
     args = p.parse_args(argv)
     r = script_runner(False, min_round_s=0.05, out=args.out)
     shape, rows = r.cfg.shape, []
-    for n in (int(x) for x in args.rows.split(",")):
+    for n in args.rows:
         for store in (torch.float32, torch.bfloat16):
             out = torch.randn(n, shape.heads, shape.head_dim, device=r.device, dtype=torch.bfloat16)
             lse = torch.randn(shape.heads, n, device=r.device)

@@ -31,7 +31,7 @@ import mixes
 import torch
 from harness import Runner, report_header, script_environment, script_runner
 
-from ringpack import accumulate, ring, schedule
+from ringpack import accumulate, cli, ring, schedule
 from ringpack.backends import select_backend
 from ringpack.comm import Ring
 from ringpack.packing import lengths_to_cu_seqlens
@@ -158,8 +158,8 @@ def shares(rows: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens-per-rank", default="8192,32768", help="N values of the ring tiles, comma separated "
-                   "(default %(default)s)")
+    p.add_argument("--tokens-per-rank", type=cli.int_list("integers >= 2 separated by commas", minimum=2),
+                   default=(8192, 32768), help="N values of the ring tiles (default %(default)s)")
     p.add_argument("--local-tokens", type=int, default=32768, help="tokens of the local packs (default %(default)s)")
     p.add_argument("--groups", default="ring,local", help="which groups to run (default %(default)s)")
     p.add_argument("--backends", default="cudnn,flash_attn_4,torch_flash,auto",
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--dry-run", action="store_true", help="CPU, reference kernel, tiny sizes (checks the script)")
     args = p.parse_args(argv)
     r = script_runner(args.dry_run, min_round_s=0.05, out=args.out)
-    ns = [64] if args.dry_run else [int(x) for x in args.tokens_per_rank.split(",")]
+    ns = [64] if args.dry_run else list(args.tokens_per_rank)
     groups = args.groups.split(",")
     cases = [c for n in ns for c in ring_cases(n)] if "ring" in groups else []
     cases += local_cases(128 if args.dry_run else args.local_tokens) if "local" in groups else []

@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from ringpack import partition, tiling
+from ringpack import ownership, partition, tiling
 from ringpack.schedule import prefix_sums
 from ringpack.validation import boolean, integer
 
@@ -111,7 +111,7 @@ class Plan:
     strategy: str
     causal: bool
     window_size: tuple[int, int]
-    owners: partition.Owners = field(repr=False)  # who owns which token; a plan made with ``layout=`` shares it
+    owners: ownership.Owners = field(repr=False)  # who owns which token; a plan made with ``layout=`` shares it
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Plan) and self._key == other._key
@@ -295,7 +295,9 @@ def make_plan(cu_seqlens: Sequence[int] | torch.Tensor, world_size: int, *, stra
 
     ``layout``: a plan of the same batch, strategy and world size whose token ownership to keep, so that
     layers with different masks (a model alternating sliding-window and global layers) share one
-    sharding of the hidden states; only the tiles and the schedule follow this call's mask.
+    sharding of the hidden states; only the tiles and the schedule follow this call's mask. Its documents may be
+    cut further here (``cu_seqlens`` holds every boundary of ``layout.cu_seqlens`` and more: chunked attention's
+    documents cut at chunk boundaries), and the same tokens stay on the same ranks in the same order.
     """
     cu = validate_cu_seqlens(cu_seqlens)
     world_size = integer("world_size", world_size, minimum=1)
@@ -307,7 +309,7 @@ def make_plan(cu_seqlens: Sequence[int] | torch.Tensor, world_size: int, *, stra
         owners = partition.STRATEGIES[strategy](cu, world_size, causal, window)
     else:
         _check_layout(layout, cu, world_size, strategy)
-        owners = layout.owners
+        owners = layout.owners if layout.cu_seqlens == cu else ownership.Refined(_base(layout.owners), cu)
     return Plan(cu_seqlens=cu, world_size=world_size, strategy=strategy, causal=causal, window_size=window,
                 owners=owners)
 
@@ -319,9 +321,13 @@ def _check_layout(layout: Plan, cu: tuple[int, ...], world_size: int, strategy: 
     if layout.strategy != strategy or layout.world_size != world_size:
         raise ValueError(f"layout was made with strategy {layout.strategy!r} over {layout.world_size} ranks, this plan "
                          f"asks {strategy!r} over {world_size}; make both with the same strategy and world size")
-    if layout.cu_seqlens != cu:
+    if layout.cu_seqlens != cu and not (layout.cu_seqlens[-1] == cu[-1] and set(layout.cu_seqlens) <= set(cu)):
         raise ValueError(f"layout was made for another batch: {_first_difference(layout.cu_seqlens, cu)}; pass the "
-                         "plan of this batch")
+                         "plan of this batch (or of it with documents cut further)")
+
+
+def _base(owners: ownership.Owners) -> ownership.Chunked | ownership.Contiguous:
+    return owners.base if isinstance(owners, ownership.Refined) else owners
 
 
 def _first_difference(a: tuple[int, ...], b: tuple[int, ...]) -> str:

@@ -89,9 +89,16 @@ def backward(dout_NHD, dlse_HN, q_NHD, k_NKD, v_NKD, out_NHD, lse_HN, plan: Plan
              scale: float, softcap: float):
     """This rank's ``(dq, dk, dv)`` against the ring's final ``out``/``lse`` (all ranks call it)."""
     rank, exact = ring.rank, backend.EXACT_16BIT_GRADS
+
+    def key_dtype(owner: int) -> torch.dtype:
+        # whether a key row's partial gradients stay within ROUND_ONCE_DEPTH: the depth capped just above it is
+        # exact for that and stops early (the exact depth costs the tiles of every rank reading the owner's keys)
+        depth = plan.key_depth_capped(owner, accumulate.ROUND_ONCE_DEPTH + 1)
+        return accumulate.storage_dtype(q_NHD.dtype, depth, exact)
+
     dq = accumulate.Sums(q_NHD.shape[0], (q_NHD,),
                          accumulate.storage_dtype(q_NHD.dtype, plan.query_depth[rank], exact))
-    own_dtype = accumulate.storage_dtype(q_NHD.dtype, plan.key_depth[rank], exact)  # our dK/dV, and what returns
+    own_dtype = key_dtype(rank)  # our dK/dV, and what returns
     own = accumulate.Sums(k_NKD.shape[0], (k_NKD, v_NKD), own_dtype)
     returning: collections.deque[tuple[int, Pending]] = collections.deque()
 
@@ -102,9 +109,8 @@ def backward(dout_NHD, dlse_HN, q_NHD, k_NKD, v_NKD, out_NHD, lse_HN, plan: Plan
     # the return of the last remote step's dK/dV behind them. The first fetch is exposed instead.
     busy = plan.busy_steps(rank)
     for s, step, k_MKD, v_MKD in _kv_steps(k_NKD, v_NKD, plan, ring, [*busy[1:], 0], returning):
-        keys = own if s == 0 else accumulate.Sums(
-            step.recv_tokens, (k_MKD, v_MKD),
-            accumulate.storage_dtype(q_NHD.dtype, plan.key_depth[step.source], exact), message=True)
+        keys = own if s == 0 else accumulate.Sums(step.recv_tokens, (k_MKD, v_MKD), key_dtype(step.source),
+                                                  message=True) if step.waves else None
         for wave in step.waves:
             for rows, kidx, dq_p, dk_p, dv_p in backend.backward(dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN,
                                                                  dlse_HN, wave, scale=scale, softcap=softcap):

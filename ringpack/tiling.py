@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 from ringpack.mask import band_pairs, clipped_band
-from ringpack.partition import Layout, Owners
+from ringpack.ownership import Layout, Owners
 from ringpack.schedule import Runs, Step, Tile, Wave, band_tile, prefix_sums, tile
 
 Document = tuple[int, int, Layout]  # (document, its first row in the rank's shard, the rank's layout of it)

@@ -244,3 +244,21 @@ def test_bad_plan_arguments_raise_value_error():
         ringpack.unshard([torch.zeros(2)], plan)
     with pytest.raises(ValueError, match="part 1 has 3 tokens"):
         ringpack.unshard([torch.zeros(2), torch.zeros(3)], plan)
+
+
+@pytest.mark.parametrize("strategy", ["balanced", "zigzag", "contiguous"])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_layout_over_documents_cut_further(strategy, world):
+    """Chunked attention cuts every document at its chunk boundaries and must keep the hidden states' sharding: a
+    layout over coarser boundaries gives the same tokens on the same ranks in the same order, and the finer plan is
+    correct (every pair of the cut documents computed once). Boundaries that are not a refinement are refused."""
+    cu = (0, 40, 41, 137, 137, 200)
+    layout = ringpack.make_plan(cu, world, strategy=strategy)
+    fine = tuple(sorted(set(cu) | {16, 32, 57, 73, 89, 105, 121, 153, 169, 185}))
+    plan = ringpack.make_plan(fine, world, strategy=strategy, window_size=(5, -1), layout=layout)
+    assert plan.ranges == layout.ranges and plan.num_tokens == layout.num_tokens
+    _check_invariants(plan, fine)
+    again = ringpack.make_plan(fine + (200,), world, strategy=strategy, layout=plan)  # a refined layout refined
+    assert again.ranges == layout.ranges
+    with pytest.raises(ValueError, match="another batch"):
+        ringpack.make_plan((0, 30, 200), world, strategy=strategy, layout=layout)

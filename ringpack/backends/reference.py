@@ -2,8 +2,9 @@
 
 Legend: ``a`` query rows and ``b`` key rows of one tile; scores ``s_KGab`` with ``K`` KV heads and
 ``G = H // K`` query heads per KV head, so grouped-query attention never repeats K or V.
-It materialises each tile's scores and yields one piece per tile: exact and simple, meant for checking and
-for the CPU.
+It materialises the scores of a block of a tile's query rows at a time (``BLOCK_CELLS`` scores at most, so a long
+document's tile does not need its whole ``[H, q, k]`` score matrix) and yields one piece per block: exact and simple,
+meant for checking and for the CPU.
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ def _finite(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)
 
 
+BLOCK_CELLS = 1 << 26  # scores of one block of rows: 512 MiB in float64
+
+
+def _row_blocks(tile: Tile, heads: int):
+    """``tile`` as tiles of consecutive query-row blocks over the same keys (the band shifted with the rows)."""
+    rows = max(1, BLOCK_CELLS // max(1, heads * tile.k_len))
+    for r0 in range(0, tile.q_len, rows):
+        n = min(rows, tile.q_len - r0)
+        yield tile._replace(q_start=tile.q_start + r0, q_len=n, lo=tile.lo + r0, hi=tile.hi + r0)
+
+
 class ReferenceBackend(Backend):
     name = "reference"
     DEVICES = ("cpu", "cuda")
@@ -46,7 +58,7 @@ class ReferenceBackend(Backend):
 
     def forward(self, q_NHD, k_MKD, v_MKD, wave: Wave, *, scale, softcap):
         acc = accumulation_dtype(q_NHD.dtype)
-        for tile in wave.tiles:
+        for tile in (b for t in wave.tiles for b in _row_blocks(t, q_NHD.shape[1])):
             _, _, s, mask = self._scores(q_NHD, k_MKD, tile, scale, softcap, acc)
             s = s.masked_fill(~mask, float("-inf"))
             lse_KGa = torch.logsumexp(s, dim=-1)
@@ -58,7 +70,7 @@ class ReferenceBackend(Backend):
     def backward(self, dout_NHD, q_NHD, k_MKD, v_MKD, out_NHD, lse_HN, dlse_HN, wave: Wave, *, scale, softcap):
         acc = accumulation_dtype(q_NHD.dtype)
         n_kv = k_MKD.shape[1]
-        for tile in wave.tiles:
+        for tile in (b for t in wave.tiles for b in _row_blocks(t, q_NHD.shape[1])):
             q_aKGD, k_bKD, s, mask = self._scores(q_NHD, k_MKD, tile, scale, softcap, acc)
             rows = slice(tile.q_start, tile.q_start + tile.q_len)
             lse_KGa = lse_HN[:, rows].to(acc).unflatten(0, (n_kv, -1))

@@ -14,7 +14,6 @@ the ring. ``verify=False`` turns the check off.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -123,14 +122,9 @@ class RingpackContext:
         if chunk is None:
             return make_plan(self.cu_seqlens, self.world_size, strategy=self.strategy, causal=causal,
                              window_size=window, layout=layout)
-        cut = chunk_boundaries(self.cu_seqlens, chunk)
-        # The same token ownership over the cut boundaries: make_plan takes a layout only over its own
-        # boundaries, and a layout contributes nothing but its ranks' token runs (Plan.ranges).
-        same_tokens = dataclasses.replace(layout, cu_seqlens=cut)
-        plan = make_plan(cut, self.world_size, strategy=self.strategy, causal=causal, window_size=window,
-                         layout=same_tokens)
-        assert plan.ranges == layout.ranges, "a chunked plan must keep the layout's token ownership"
-        return plan
+        # the same token ownership over the documents cut at chunk boundaries
+        return make_plan(chunk_boundaries(self.cu_seqlens, chunk), self.world_size, strategy=self.strategy,
+                         causal=causal, window_size=window, layout=layout)
 
     def prepare(self, masks: Iterable[MaskKey]) -> RingpackContext:
         """Make the plans of ``masks`` (``(causal, window_size, chunk_size)`` triples) now; returns ``self``.
