@@ -14,13 +14,12 @@ package adds is ``softcap`` (Gemma-2's tanh capping), forward and backward.
 from __future__ import annotations
 
 import functools
-import importlib
-import importlib.metadata
 from collections.abc import Callable
 
 import torch
 
 from ringpack.backends.base import AttnSpec
+from ringpack.backends.common import import_release
 from ringpack.backends.torch_flash import VarlenFA2
 from ringpack.backends.varlen import VarlenGroup, cu_seqlens_on
 
@@ -54,16 +53,11 @@ def _schema_problem(op, expected: tuple[str, ...]) -> str | None:
 def find_ops() -> tuple[Callable | None, Callable | None, str | None]:
     """``(fwd_op, bwd_op, None)`` when an installed flash-attn in the supported range registered both ops with
     the expected schemas; otherwise ``(None, None, why)``."""
-    try:
-        version = importlib.metadata.version("flash-attn")
-    except importlib.metadata.PackageNotFoundError:
-        return None, None, "flash-attn is not installed (pip install 'ringpack[flash]')"
-    if not (2, 7) <= release(version) < (2, 9):
-        return None, None, f"flash-attn {version} is installed; this backend supports flash-attn {SUPPORTED}"
-    try:
-        importlib.import_module("flash_attn.flash_attn_interface")  # registers the ops
-    except (ImportError, OSError, RuntimeError) as e:  # a build for another torch or CUDA fails here
-        return None, None, f"flash-attn {version} does not import: {type(e).__name__}: {e}"
+    # importing flash_attn_interface registers the ops
+    interface, version, why = import_release("flash-attn", "flash", SUPPORTED, lambda v: (2, 7) <= release(v) < (2, 9),
+                                             "flash_attn.flash_attn_interface")
+    if interface is None:
+        return None, None, why
     try:
         fwd_op, bwd_op = torch.ops.flashattn._flash_attn_varlen_forward, torch.ops.flashattn._flash_attn_varlen_backward
     except AttributeError:

@@ -19,8 +19,6 @@ repeated heads; softcap is native forward and backward.
 from __future__ import annotations
 
 import functools
-import importlib
-import importlib.metadata
 import inspect
 import re
 import threading
@@ -29,6 +27,7 @@ from collections.abc import Callable
 import torch
 
 from ringpack.backends.base import AttnSpec, Backend, BwdPiece, FwdPiece
+from ringpack.backends.common import import_release
 from ringpack.backends.flash_attn import release
 from ringpack.backends.varlen import VarlenGroup, call_keys, cu_seqlens_on, varlen_groups
 from ringpack.schedule import Wave
@@ -59,16 +58,10 @@ def _signature_problem(fn: Callable, keywords: tuple[str, ...]) -> str | None:
 def find_kernels() -> tuple[Callable | None, Callable | None, str | None]:
     """``(fwd, bwd, None)`` when an installed flash-attn-4 in the supported range has both functions with the
     keywords ringpack passes; otherwise ``(None, None, why)``."""
-    try:
-        version = importlib.metadata.version("flash-attn-4")
-    except importlib.metadata.PackageNotFoundError:
-        return None, None, "flash-attn-4 is not installed (pip install 'ringpack[fa4]')"
-    if not supported_release(version):
-        return None, None, f"flash-attn-4 {version} is installed; this backend supports flash-attn-4 {SUPPORTED}"
-    try:
-        interface = importlib.import_module("flash_attn.cute.interface")
-    except (ImportError, OSError, RuntimeError) as e:  # the CuTe DSL libraries missing or for another CUDA
-        return None, None, f"flash-attn-4 {version} does not import: {type(e).__name__}: {e}"
+    interface, version, why = import_release("flash-attn-4", "fa4", SUPPORTED, supported_release,
+                                             "flash_attn.cute.interface")
+    if interface is None:  # not there, another release, or the CuTe DSL libraries missing or for another CUDA
+        return None, None, why
     fwd, bwd = getattr(interface, "_flash_attn_fwd", None), getattr(interface, "_flash_attn_bwd", None)
     if fwd is None or bwd is None:
         return None, None, f"flash-attn-4 {version} has no flash_attn.cute.interface._flash_attn_fwd/_flash_attn_bwd"

@@ -416,3 +416,23 @@ def check_ring(backend, lengths, world, strategy, causal, window, heads=4, kv_he
         both_inf = torch.isinf(a) & torch.isinf(b) & (a == b)
         err = torch.where(both_inf, 0, (a - b).abs()).max().item() if a.numel() else 0.0
         assert err <= tol, f"{name}: max error {err}"
+
+
+def check_release_refusals(monkeypatch, find, package: str, extra: str, supported: str, versions) -> None:
+    """``find()`` (a backend's package lookup) says the package is missing, or names a release outside
+    ``supported``, for each of ``versions``: never a call into a release whose API it has not checked."""
+    import importlib.metadata
+
+    def installed(version):
+        def fake(name):
+            if version is None:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return version
+        return fake
+
+    monkeypatch.setattr(importlib.metadata, "version", installed(None))
+    assert find()[2] == f"{package} is not installed (pip install 'ringpack[{extra}]')"
+    for version in versions:
+        monkeypatch.setattr(importlib.metadata, "version", installed(version))
+        why = find()[2]
+        assert f"{package} {version} is installed" in why and supported in why

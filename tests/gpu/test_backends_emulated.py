@@ -15,6 +15,7 @@ from emulation import (
     MASKS,
     MIXES,
     ThreadRing,
+    check_release_refusals,
     check_ring,
     cudnn_bwd,
     cudnn_fwd,
@@ -311,23 +312,9 @@ def test_flash_attn_takes_softcap_that_torch_flash_declines(monkeypatch):
 def test_flash_attn_declines_missing_or_unsupported_package(monkeypatch):
     """Not installed, a release outside the pinned range, or an op whose schema changed: each is a reason
     naming what was found and what is supported, never a call with shifted arguments."""
-    import importlib.metadata
-
     from ringpack.backends import flash_attn
-
-    def installed(version):
-        def fake(name):
-            if version is None:
-                raise importlib.metadata.PackageNotFoundError(name)
-            return version
-        return fake
-
-    monkeypatch.setattr(importlib.metadata, "version", installed(None))
-    assert flash_attn.find_ops()[2] == "flash-attn is not installed (pip install 'ringpack[flash]')"
-    for version in ("2.6.3", "3.0.0b1", "2.10.1"):
-        monkeypatch.setattr(importlib.metadata, "version", installed(version))
-        why = flash_attn.find_ops()[2]
-        assert f"flash-attn {version} is installed" in why and flash_attn.SUPPORTED in why
+    check_release_refusals(monkeypatch, flash_attn.find_ops, "flash-attn", "flash", flash_attn.SUPPORTED,
+                           ("2.6.3", "3.0.0b1", "2.10.1"))
 
     @torch.library.custom_op("ringpack_test::varlen_fwd_moved", mutates_args=())
     def moved(q: torch.Tensor, k: torch.Tensor, softmax_scale: float, cu_seqlens_q: torch.Tensor) -> torch.Tensor:

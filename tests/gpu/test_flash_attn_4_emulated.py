@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from emulation import MASKS, MIXES, check_ring, fa4_bwd, fa4_fwd
+from emulation import MASKS, MIXES, check_release_refusals, check_ring, fa4_bwd, fa4_fwd
 
 from ringpack.backends import AttnSpec, flash_attn_4
 from ringpack.backends.flash_attn_4 import FlashAttn4Backend
@@ -57,21 +57,8 @@ def test_mutations_fail(monkeypatch, mutation):
 def test_declines_missing_or_unsupported_package(monkeypatch):
     """Not installed, a release outside the pinned range, or a function without the keywords ringpack passes: each
     is a reason naming what was found and what is supported, never a call with other arguments."""
-    import importlib.metadata
-
-    def installed(version):
-        def fake(name):
-            if version is None:
-                raise importlib.metadata.PackageNotFoundError(name)
-            return version
-        return fake
-
-    monkeypatch.setattr(importlib.metadata, "version", installed(None))
-    assert flash_attn_4.find_kernels()[2] == "flash-attn-4 is not installed (pip install 'ringpack[fa4]')"
-    for version in ("4.0.0b20", "4.1.0", "3.0.0"):
-        monkeypatch.setattr(importlib.metadata, "version", installed(version))
-        why = flash_attn_4.find_kernels()[2]
-        assert f"flash-attn-4 {version} is installed" in why and flash_attn_4.SUPPORTED in why
+    check_release_refusals(monkeypatch, flash_attn_4.find_kernels, "flash-attn-4", "fa4", flash_attn_4.SUPPORTED,
+                           ("4.0.0b20", "4.1.0", "3.0.0"))
 
     def moved(q, k, v, cu_seqlens_q=None, softmax_scale=None):
         return q
