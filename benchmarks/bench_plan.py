@@ -5,8 +5,9 @@ Runs on one CPU core (no GPU needed). Example:
 
 A plan computes each rank's schedule on first access, so ``make_plan`` alone says little. For every case the
 table gives ``make_plan`` and, on a fresh plan, what the ring of one rank reads in a training step
-(``ring_reads``): every tile of its steps (and the hash of every wave, as the backends' layout caches take
-it), its sends, busy steps, KV tokens, query depth and the key depth of itself and of every source it reads.
+(``ring_reads``): every wave of its steps, hashed as the backends' layout caches take it and its tiles counted
+(from the wave's table: ``Tile`` objects are made only for a consumer that asks for ``wave.tiles``), its sends,
+busy steps, KV tokens, query depth and the key depth of itself and of every source it reads.
 The key depths are read two ways: ``key_depth[src]`` (exact, a whole column of the plan per source) and
 ``key_depth_capped(src, 3)`` (all the ring's 16-bit rule asks: stops at the first key row read 3 times).
 Memory is measured in a fresh process per case: Python's peak (tracemalloc) and the growth of the resident
@@ -47,7 +48,7 @@ def ring_reads(plan: ringpack.Plan, rank: int, *, capped: bool) -> int:
     for s, step in enumerate(plan.steps[rank]):
         for wave in step.waves:
             read.append(hash(wave))
-            tiles += len(wave.tiles)
+            tiles += len(wave)
         if not capped:
             read.append(plan.key_depth[step.source])
         elif step.waves:

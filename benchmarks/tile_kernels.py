@@ -50,7 +50,7 @@ def _tile_runs(r: Runner, backend, t: Tile, scale: float):
     """Forward and backward closures of the one-tile wave ``t`` (the backward against the tile's own out/lse)."""
     q, k, v = r.qkv(t.q_len, False)[0], *r.qkv(t.k_len, False)[1:]
     dout = torch.randn(q.shape, device=r.device, dtype=r.dtype, generator=r.gen)
-    wave = Wave((t,), (0, t.q_len), (0, t.k_len))
+    wave = Wave.of((t,))
     acc = accumulate.Softmax(q, torch.float32 if r.dtype != torch.float64 else r.dtype)
     for piece in backend.forward(q, k, v, wave, scale=scale, softcap=0.0):
         acc.add(*piece)

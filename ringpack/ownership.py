@@ -14,11 +14,40 @@ import bisect
 import functools
 from collections import Counter
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
 CUT = -1  # ``Chunked.owner`` of a document cut into ``2 * world`` chunks over every rank
 Layout = tuple[tuple[int, int], ...]  # one rank's segments of one document: (offset in the document, length), in order
+
+
+class Documents(NamedTuple):
+    """One rank's documents in local order, as int64 columns. Documents of one *group* are cut alike (the same
+    holders with the same layouts), so what a rank computes of them is the same but for where each sits."""
+
+    doc: torch.Tensor  # [D] the document
+    first: torch.Tensor  # [D] the row of the rank's shard where its first token of it sits
+    group: torch.Tensor  # [D] its group: an index into ``reps``
+    reps: list[int]  # one document of each group
+
+
+def documents_of(owners, segments: list[tuple[int, int, int]]) -> Documents:
+    """``Documents`` from a rank's segments in local order (a rank's segments of one document are consecutive);
+    ``owners.pattern`` groups them, and a document it gives no pattern is a group of its own."""
+    docs, first, group, reps, groups = [], [], [], [], {}
+    row = 0
+    for doc, _, length in segments:
+        if not docs or docs[-1] != doc:
+            key = owners.pattern(doc)
+            g = groups.setdefault(("doc", doc) if key is None else key, len(groups))
+            if g == len(reps):
+                reps.append(doc)
+            docs.append(doc)
+            first.append(row)
+            group.append(g)
+        row += length
+    return Documents(*(torch.tensor(x, dtype=torch.int64) for x in (docs, first, group)), reps)
 
 
 class Chunked:
@@ -98,17 +127,28 @@ class Chunked:
         """Documents of one pattern have the same holders and layouts (what a rank computes of them is the same)."""
         return ("cut" if self._is_cut(doc) else "whole", self.cu[doc + 1] - self.cu[doc])
 
-    def first_rows(self, rank: int, docs: list[int]) -> list[int]:
+    def documents(self, rank: int) -> Documents:
+        """``rank``'s documents, grouped by length and by whether they are cut, with no loop over them."""
+        lengths, owner = self._tensors
+        cut = owner == CUT
+        tokens = torch.where(cut, self._chunk_tokens(rank, lengths), torch.where(owner == rank, lengths, 0))
+        docs = (tokens > 0).nonzero().flatten() if self.order is None else torch.tensor(self.order, dtype=torch.int64)
+        tokens = tokens[docs]
+        keys, group = torch.unique(lengths[docs] * 2 + cut[docs], return_inverse=True)
+        first_of_group = torch.full_like(keys, len(docs)).scatter_reduce_(0, group, torch.arange(len(docs)), "amin")
+        return Documents(docs, tokens.cumsum(0) - tokens, group, docs[first_of_group].tolist())
+
+    def first_rows(self, rank: int, docs: torch.Tensor) -> torch.Tensor:
         """The row of ``rank``'s shard where its first token of each cut document in ``docs`` sits."""
-        if not docs:
-            return []
-        index = docs if self.owner is None else [self._cut_index[d] for d in docs]
-        rows = self._chunk_tokens(rank, self._cut_lengths).cumsum(0)
-        index = torch.tensor(index)
-        rows = torch.cat([rows.new_zeros(1), rows])[index]
+        if not len(docs):
+            return docs
+        index = docs if self.owner is None else self._cut_index[docs]
+        lengths, inverse = self._cut_length_classes
+        tokens = self._chunk_tokens(rank, lengths)[inverse]  # one rank's tokens per length, then per document
+        rows = torch.cat([tokens.new_zeros(1), tokens.cumsum(0)])[index]
         if self.owner is not None:  # and the whole documents before them
             rows += self._whole_before[rank, index]
-        return rows.tolist()
+        return rows
 
     def num_tokens(self) -> tuple[int, ...]:
         counts = Counter(self.cu[d + 1] - self.cu[d] for d in self._cut)
@@ -141,13 +181,18 @@ class Chunked:
         return (self._tensors[1] == CUT).nonzero().flatten().tolist()
 
     @functools.cached_property
-    def _cut_index(self) -> dict[int, int]:
-        return {d: i for i, d in enumerate(self._cut)}
+    def _cut_index(self) -> torch.Tensor:
+        """Per document, its index among the cut ones (-1 for a whole one)."""
+        index = torch.full((len(self.cu) - 1,), -1, dtype=torch.int64)
+        index[self._cut] = torch.arange(len(self._cut))
+        return index
 
     @functools.cached_property
-    def _cut_lengths(self) -> torch.Tensor:
+    def _cut_length_classes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distinct lengths of the cut documents and, per cut document, which one is its length: a rank's
+        tokens of every cut document are worked out per length (there are far fewer lengths than documents)."""
         lengths, owner = self._tensors
-        return lengths[owner == CUT]
+        return torch.unique(lengths[owner == CUT], return_inverse=True)
 
     @functools.cached_property
     def _whole_before(self) -> torch.Tensor:
@@ -206,8 +251,12 @@ class Contiguous:
         first, last = self._span(doc)
         return ("whole", self.cu[doc + 1] - self.cu[doc]) if first == last else None
 
-    def first_rows(self, rank: int, docs: list[int]) -> list[int]:
-        return [max(self.cu[d], self.bounds[rank]) - self.bounds[rank] for d in docs]
+    def documents(self, rank: int) -> Documents:
+        return documents_of(self, self.segments(rank))
+
+    def first_rows(self, rank: int, docs: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([max(self.cu[d], self.bounds[rank]) - self.bounds[rank] for d in docs.tolist()],
+                            dtype=torch.int64)
 
     def num_tokens(self) -> tuple[int, ...]:
         return tuple(b - a for a, b in zip(self.bounds[:-1], self.bounds[1:]))
@@ -267,8 +316,11 @@ class Refined:
     def pattern(self, doc: int) -> tuple | None:
         return ("whole", self.cu[doc + 1] - self.cu[doc]) if len(self.holders(doc)) == 1 else None
 
-    def first_rows(self, rank: int, docs: list[int]) -> list[int]:
-        return [self._by_doc[1][rank][d] for d in docs]
+    def documents(self, rank: int) -> Documents:
+        return documents_of(self, self.segments(rank))
+
+    def first_rows(self, rank: int, docs: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([self._by_doc[1][rank][d] for d in docs.tolist()], dtype=torch.int64)
 
     def num_tokens(self) -> tuple[int, ...]:
         return self.base.num_tokens()

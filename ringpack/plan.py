@@ -181,25 +181,20 @@ class Plan:
                 runs.append([s.start, s.length])
         return tuple((a, n) for a, n in runs)
 
-    def _documents(self, rank: int) -> list[tiling.Document]:
-        """``rank``'s documents in local order: (document, first row in the shard, layout)."""
-        out: list[tiling.Document] = []
-        for s in self.segments[rank]:
-            if out and out[-1][0] == s.doc:
-                out[-1] = (s.doc, out[-1][1], out[-1][2] + ((s.doc_offset, s.length),))
-            else:
-                out.append((s.doc, s.local_start, ((s.doc_offset, s.length),)))
-        return out
+    @property
+    def _documents(self) -> PerRank:
+        """``[rank]`` -> the rank's documents in local order, in groups cut alike (``ownership.Documents``)."""
+        return self._per_rank("documents", self.owners.documents)
 
     @property
     def _rows(self) -> PerRank:
-        return self._per_rank("rows", lambda rank: tiling.row(self.owners, rank, self._documents(rank), self.causal,
+        return self._per_rank("rows", lambda rank: tiling.row(self.owners, rank, self._documents[rank], self.causal,
                                                               self.window_size, self._store.setdefault("cells", {})))
 
     @property
     def _sends(self) -> PerRank:
-        return self._per_rank("sends", lambda rank: tiling.sends(self.owners, rank, self.causal, self.window_size,
-                                                                 self._store.setdefault("cells", {})))
+        return self._per_rank("sends", lambda rank: tiling.sends(self.owners, rank, self._documents[rank], self.causal,
+                                                                 self.window_size, self._store.setdefault("cells", {})))
 
     @property
     def steps(self) -> PerRank:
@@ -264,7 +259,7 @@ class Plan:
         return max(shared, int(self.num_tokens[rank] > 0))  # a document no other rank holds: one tile per key row
 
     def tiles_per_step(self, rank: int) -> tuple[int, ...]:
-        return tuple(len(step.tiles) for step in self.steps[rank])
+        return tuple(sum(map(len, step.waves)) for step in self.steps[rank])
 
     def cost(self, rank: int, cost_model: partition.CostModel = partition.COST) -> int:
         """Estimated work of ``rank``: visible pairs plus a fixed overhead per tile."""
@@ -279,7 +274,7 @@ class Plan:
         lines = [f"plan: strategy={self.strategy} world_size={self.world_size} tokens={self.total_tokens} "
                  f"docs={len(self.cu_seqlens) - 1} causal={self.causal} window={self.window_size}"]
         for r in range(self.world_size):
-            tiles = sum(len(s.tiles) for s in self.steps[r])
+            tiles = sum(self.tiles_per_step(r))
             lines.append(f"  rank {r}: tokens={self.num_tokens[r]} segments={len(self.segments[r])} "
                          f"tiles={tiles} pairs={self.work(r)}")
         return "\n".join(lines)

@@ -19,7 +19,9 @@ Both forms are computed once, here, when the plan is made; backends read them an
 
 from __future__ import annotations
 
+import array
 import functools
+import itertools
 import operator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -78,27 +80,45 @@ def tile(q_start: int, q_len: int, k_start: int, k_len: int, lo: int, hi: int, p
     return Tile(q_start, q_len, k_start, k_len, lo, hi, pairs, left, right)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Wave:
-    """Tiles of one step whose query rows are disjoint: one kernel call can run them together."""
+    """Tiles of one step whose query rows are disjoint: one kernel call can run them together.
 
-    tiles: tuple[Tile, ...]
+    The tiles are held as one table, ``table``: each tile's fields in ``Tile`` order as native int64 (``TILE``), row
+    after row. A zigzag step's wave holds hundreds of thousands of tiles: a table is made in bulk, hashed and compared
+    at C speed (Python caches a ``bytes`` object's hash, and a plan is reused by every layer), and ``column`` reads
+    one field without making a ``Tile`` per row; ``tiles`` makes them, once, for the consumers that want objects."""
+
+    table: bytes
     q_span: tuple[int, int]  # [start, stop) hull of the query rows
     k_span: tuple[int, int]  # [start, stop) hull of the key rows
 
     @classmethod
     def of(cls, tiles: tuple[Tile, ...]) -> Wave:
-        """The wave of ``tiles``, its hulls computed (at C speed: a zigzag step's wave holds thousands of tiles)."""
+        """The wave of ``tiles``, its hulls computed."""
         q, q_len, k, k_len = (list(map(operator.itemgetter(i), tiles)) for i in range(4))
-        return cls(tiles, (min(q), max(map(operator.add, q, q_len))), (min(k), max(map(operator.add, k, k_len))))
+        return cls(array.array(TILE, itertools.chain.from_iterable(tiles)).tobytes(),
+                   (min(q), max(map(operator.add, q, q_len))), (min(k), max(map(operator.add, k, k_len))))
 
-    def __hash__(self) -> int:
-        # Kernel layouts are cached per wave and a plan is reused by every layer: hash the tiles once.
-        h = self.__dict__.get("_hash")
-        if h is None:
-            h = hash((self.tiles, self.q_span, self.k_span))
-            object.__setattr__(self, "_hash", h)
-        return h
+    def __len__(self) -> int:
+        """The number of tiles."""
+        return len(self.table) // TILE_BYTES
+
+    def column(self, field: str) -> memoryview:
+        """One field of every tile, in order (a view of the table: ints, ``tolist()`` for a list)."""
+        return memoryview(self.table).cast(TILE)[Tile._fields.index(field)::len(Tile._fields)]
+
+    @functools.cached_property
+    def tiles(self) -> tuple[Tile, ...]:
+        flat = memoryview(self.table).cast(TILE).tolist()
+        return tuple(map(Tile._make, zip(*[iter(flat)] * len(Tile._fields))))
+
+    def __repr__(self) -> str:
+        return f"Wave({len(self)} tiles, q_span={self.q_span}, k_span={self.k_span})"
+
+
+TILE = "q"  # a tile's fields in a wave's table: native int64 (pair counts outgrow int32)
+TILE_BYTES = len(Tile._fields) * array.array(TILE).itemsize
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,16 @@ one, and a step is its documents' cells shifted to where each document sits::
       step    d0's tiles + (d0's first row on r, 0), d1's + (d1's first row on r, 8 = what d0 reads)
               recv_runs: d0's reads + d0's first row on the source, then d1's (merged where they touch)
 
-A rank's steps, its sends (what the others read of it) and its key depth are each one walk over its own documents
-(the ones it shares, for the last two) and their holders; nothing here needs another rank's schedule.
+A rank's steps and its sends (what the others read of it) are made per *group* of its documents (documents cut
+alike: one per length under zigzag) against their holders, then shifted in bulk: a zigzag rank of a 1M-token pack
+holds a part of every document, hundreds of thousands of tiles, so no loop here runs per tile or per document::
+
+    entries   group g: (step, cell) per holder with something visible       (Python, once per group)
+    pairs     document x its group's entries, ordered by step, documents in local order   (int64 columns)
+    tiles     pair x its cell's tiles, shifted by the pair's rows, ordered by step and wave  -> Wave tables
+
+Its key depth is one walk over the documents it shares and their holders, stopped once deep enough. Nothing here
+needs another rank's schedule.
 """
 
 from __future__ import annotations
@@ -23,11 +31,12 @@ import bisect
 from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
-from ringpack.mask import band_pairs, clipped_band
-from ringpack.ownership import Layout, Owners
-from ringpack.schedule import Runs, Step, Tile, Wave, band_tile, prefix_sums, tile
+import torch
 
-Document = tuple[int, int, Layout]  # (document, its first row in the rank's shard, the rank's layout of it)
+from ringpack.mask import band_pairs, clipped_band
+from ringpack.ownership import Documents, Layout, Owners
+from ringpack.schedule import TILE_BYTES, Runs, Step, Tile, Wave, band_tile, prefix_sums, tile
+
 _new = tuple.__new__  # a moved copy of a checked tile needs no new checks
 
 
@@ -201,98 +210,159 @@ class Row(NamedTuple):
     work: int
 
 
-def row(owners: Owners, rank: int, documents: list[Document], causal: bool, window: tuple[int, int],
-        cells: dict) -> Row:
-    """The steps of ``rank``: the cells of each of its documents against every holder of it, each shifted to where
-    the document sits in the shard (queries, and keys at step 0) and in the step's received rows (keys later)."""
-    world = owners.world
-    memo: dict[tuple, tuple] = {}
-    builders: list[_StepBuilder | None] = [None] * world
-    depth = work = 0
-    for doc, first, layout in documents:
-        key = owners.pattern(doc)
-        found = memo.get(key) if key is not None else None
-        if found is None:
-            found = _queries(owners.holders(doc), rank, world, layout, causal, window, cells)
-            if key is not None:
-                memo[key] = found
-        doc_cells, doc_depth, pairs = found
-        depth, work = max(depth, doc_depth), work + pairs
-        for s, c in doc_cells:  # the tile loop is the cost of a zigzag plan: kept flat
-            b = builders[s]
-            if b is None:
-                b = builders[s] = _StepBuilder()
-            if s:
-                k_shift = b.received
-                b.received += c.n_read
-                b.docs.append(doc)
-                b.reads.append(c.reads)
-            else:
-                k_shift = first
-            waves = b.waves
-            for w, (q_start, q_len, k_start, k_len, lo, hi, n, left, right) in zip(c.waves, c.tiles):
-                if w == len(waves):
-                    waves.append([])
-                waves[w].append(_new(Tile, (q_start + first, q_len, k_start + k_shift, k_len, lo, hi, n, left, right)))
-    steps = {s: b.finish((rank - s) % world, owners, s == 0) for s, b in enumerate(builders) if b is not None}
+def row(owners: Owners, rank: int, documents: Documents, causal: bool, window: tuple[int, int], cells: dict) -> Row:
+    """The steps of ``rank``: the cells of each group of its documents against every holder, shifted in bulk to where
+    each document sits in the shard (queries, and keys at step 0) and in the step's received rows (keys later)."""
+    world, doc, first, group = owners.world, *documents[:3]
+    found = [_queries(owners.holders(d), rank, world, causal, window, cells) for d in documents.reps]
+    times = torch.bincount(group, minlength=len(found)).tolist()
+    depth = max((f[1] for f in found), default=0)
+    work = sum(f[2] * n for f, n in zip(found, times))
+    t = _Cells.of([f[0] for f in found], tiles=True)
+    pair_doc, step, entry = t.pairs(group)  # (document, step) pairs with a cell, by step, documents in local order
+    n_read = t.n_read[entry]
+    received = n_read.cumsum(0) - n_read  # rows read by the pairs before, over all steps
+    per_step = torch.zeros(world, dtype=torch.int64).index_add_(0, step, n_read)
+    k_shift = torch.where(step == 0, first[pair_doc], received - (per_step.cumsum(0) - per_step)[step])
+    waves = _waves(t, entry, step, first[pair_doc], k_shift)
+    # received rows: each pair's reads, at its document's first row on the source
+    remote = step > 0
+    sources = torch.unique_consecutive(step[remote], return_counts=True)
+    rows = [owners.first_rows((rank - s) % world, d)
+            for s, d in zip(sources[0].tolist(), doc[pair_doc[remote]].split(sources[1].tolist()))]
+    at = torch.zeros_like(step)
+    at[remote] = torch.cat(rows) if rows else at[:0]
+    received_runs = _runs(t, entry, step, at)
+    steps = {s: Step(source=(rank - s) % world, waves=tuple(w), recv_runs=received_runs.get(s, ()))
+             for s, w in waves.items()}
     return Row(Steps(rank, world, steps), depth, work)
 
 
-def _queries(holders, rank: int, world: int, layout: Layout, causal: bool, window: tuple[int, int], memo: dict):
+def _queries(holders, rank: int, world: int, causal: bool, window: tuple[int, int], memo: dict):
     """``rank``'s cells of one document against each holder (with the step it is at), the most tiles on one of its
     rows, their pairs."""
+    layout = dict(holders)[rank]
     cells = [((rank - source) % world, c) for source, k_layout in holders
              for c in [cell(layout, k_layout, causal, window, compact=source != rank, memo=memo)] if c is not None]
     tiles = [t for _, c in cells for t in c.tiles]
     return cells, deepest((t.q_start, t.q_start + t.q_len) for t in tiles), sum(t.pairs for t in tiles)
 
 
-class _StepBuilder:
-    """One step of one rank, built document by document in local order (by ``row``)."""
-
-    __slots__ = ("waves", "docs", "reads", "received")
-
-    def __init__(self):
-        self.waves: list[list[Tile]] = []
-        self.docs: list[int] = []  # the documents received from, with their reads
-        self.reads: list[Runs] = []
-        self.received = 0  # rows received so far: where the next document's keys start in the buffer
-
-    def finish(self, source: int, owners: Owners, local: bool) -> Step:
-        waves = tuple(Wave.of(tuple(w)) for w in self.waves)
-        if local:
-            return Step(source=source, waves=waves)
-        runs: list[tuple[int, int]] = []
-        for first, reads in zip(owners.first_rows(source, self.docs), self.reads):
-            _append_runs(runs, reads, first)
-        return Step(source=source, waves=waves, recv_runs=tuple(runs))
-
-
-def _append_runs(runs: list[tuple[int, int]], more: Runs, shift: int) -> None:
-    """Append ``more`` (shifted by ``shift``, after every run of ``runs``) to ``runs``, merging where they touch."""
-    for a, n in more:
-        a += shift
-        if runs and runs[-1][0] + runs[-1][1] == a:
-            runs[-1] = (runs[-1][0], runs[-1][1] + n)
-        else:
-            runs.append((a, n))
-
-
-def sends(owners: Owners, rank: int, causal: bool, window: tuple[int, int], cells: dict) -> dict[int, Runs]:
+def sends(owners: Owners, rank: int, documents: Documents, causal: bool, window: tuple[int, int],
+          cells: dict) -> dict[int, Runs]:
     """The rows of ``rank``'s shard it sends at each step (to rank + step): what each other holder of each document
-    it shares reads of it, in local order."""
-    docs, reads = [], []
-    for doc, by_target in _shared(owners, rank, lambda holders, layout: tuple(
-            (target, c.reads) for target, q_layout in holders if target != rank
-            for c in [cell(q_layout, layout, causal, window, compact=True, memo=cells)] if c is not None)):
-        if by_target:
-            docs.append(doc)
-            reads.append(by_target)
-    out: dict[int, list[tuple[int, int]]] = {}
-    for first, by_target in zip(owners.first_rows(rank, docs), reads):
-        for target, runs in by_target:
-            _append_runs(out.setdefault((target - rank) % owners.world, []), runs, first)
-    return {s: tuple(runs) for s, runs in sorted(out.items())}
+    it shares reads of it, in local order, per group of documents and then shifted in bulk."""
+    world, per_group = owners.world, []
+    for d in documents.reps:
+        holders = owners.holders(d)
+        layout = dict(holders)[rank]
+        per_group.append([((target - rank) % world, c) for target, q_layout in holders if target != rank
+                          for c in [cell(q_layout, layout, causal, window, compact=True, memo=cells)] if c is not None])
+    t = _Cells.of(per_group, tiles=False)
+    pair_doc, step, entry = t.pairs(documents.group)
+    return dict(sorted(_runs(t, entry, step, documents.first[pair_doc]).items()))
+
+
+class _Cells(NamedTuple):
+    """The cells of every group of a rank's documents as int64 tables: per group its *entries* (a cell at a step,
+    ``start`` and ``count`` into the entry columns), per entry where its tiles and reads are in ``tiles``/``reads``.
+    A cell met twice (groups share them) is stored once."""
+
+    start: torch.Tensor  # [G]
+    count: torch.Tensor  # [G]
+    step: torch.Tensor  # [E]
+    n_read: torch.Tensor  # [E]
+    tile_start: torch.Tensor  # [E]
+    tile_count: torch.Tensor  # [E]
+    read_start: torch.Tensor  # [E]
+    read_count: torch.Tensor  # [E]
+    tiles: torch.Tensor  # [n, 9] tiles in ``Tile`` field order, relative to the document
+    wave: torch.Tensor  # [n] the wave of each
+    reads: torch.Tensor  # [m, 2] (source row, length), relative to the document
+
+    @classmethod
+    def of(cls, per_group: list[list[tuple[int, Cell]]], *, tiles: bool) -> _Cells:
+        """``per_group``: each group's (step, cell) entries; ``tiles=False`` keeps the reads only."""
+        start, count, entries, tile_rows, waves, reads, placed = [], [], [], [], [], [], {}
+        for found in per_group:
+            start.append(len(entries) // 6)
+            count.append(len(found))
+            for s, c in found:
+                at = placed.get(id(c))
+                if at is None:
+                    at = placed[id(c)] = (c.n_read, len(tile_rows), len(c.tiles) if tiles else 0, len(reads),
+                                          len(c.reads))
+                    if tiles:
+                        tile_rows.extend(c.tiles)
+                        waves.extend(c.waves)
+                    reads.extend(c.reads)
+                entries.append(s)
+                entries.extend(at)
+        return cls(_int64(start), _int64(count), *_int64(entries).view(-1, 6).unbind(1),
+                   _int64(tile_rows).view(-1, len(Tile._fields)), _int64(waves), _int64(reads).view(-1, 2))
+
+    def pairs(self, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(document, step, entry)`` of every document (its index in ``group``) and entry of its group, by step
+        and, within a step, in document order."""
+        pair_doc, entry = _expand(self.start[group], self.count[group])
+        step, order = torch.sort(self.step[entry], stable=True)
+        return pair_doc[order], step, entry[order]
+
+
+def _int64(values: list) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def _expand(starts: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranges ``[starts[i], starts[i] + counts[i])`` end to end: for each element, its range ``i`` and its value."""
+    owner = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    return owner, torch.arange(len(owner)) + (starts - (counts.cumsum(0) - counts))[owner]
+
+
+def _waves(t: _Cells, entry: torch.Tensor, step: torch.Tensor, q_shift: torch.Tensor,
+           k_shift: torch.Tensor) -> dict[int, list[Wave]]:
+    """The waves of each step with tiles: the pairs' tiles shifted, a tile to its cell's wave (of its step), the
+    tiles of a wave in pair order, i.e. document order, as one ``Wave.table`` each."""
+    pair, tmpl = _expand(t.tile_start[entry], t.tile_count[entry])
+    if not len(pair):
+        return {}
+    n_waves = int(t.wave.max()) + 1
+    key, order = torch.sort(step[pair] * n_waves + t.wave[tmpl], stable=True)
+    pair, tmpl = pair[order], tmpl[order]
+    table = bytearray(len(pair) * TILE_BYTES)
+    rows = torch.frombuffer(table, dtype=torch.int64).view(len(pair), len(Tile._fields))  # written in place: no copy
+    torch.index_select(t.tiles, 0, tmpl, out=rows)
+    rows[:, 0] += q_shift[pair]
+    rows[:, 2] += k_shift[pair]
+    keys, sizes = torch.unique_consecutive(key, return_counts=True)
+    wave_of = torch.repeat_interleave(torch.arange(len(keys)), sizes)
+    hulls = [torch.empty(len(keys), dtype=torch.int64).scatter_reduce_(0, wave_of, x, how, include_self=False)
+             for x, how in ((rows[:, 0], "amin"), (rows[:, 0] + rows[:, 1], "amax"),
+                            (rows[:, 2], "amin"), (rows[:, 2] + rows[:, 3], "amax"))]
+    view, out, at = memoryview(table), {}, 0
+    for key, size, q0, q1, k0, k1 in zip(keys.tolist(), sizes.tolist(), *(h.tolist() for h in hulls)):
+        out.setdefault(key // n_waves, []).append(Wave(bytes(view[at:at + size * TILE_BYTES]), (q0, q1), (k0, k1)))
+        at += size * TILE_BYTES
+    return out
+
+
+def _runs(t: _Cells, entry: torch.Tensor, step: torch.Tensor, shift: torch.Tensor) -> dict[int, Runs]:
+    """The pairs' reads (of source rows), each pair's shifted by ``shift``, per step in pair order, merged where one
+    ends where the next begins."""
+    pair, read = _expand(t.read_start[entry], t.read_count[entry])
+    if not len(pair):
+        return {}
+    step = step[pair]
+    starts, lengths = t.reads[read, 0] + shift[pair], t.reads[read, 1]
+    new = torch.ones_like(step, dtype=torch.bool)  # a run that does not continue the one before
+    new[1:] = (step[1:] != step[:-1]) | (starts[:-1] + lengths[:-1] != starts[1:])
+    merged = torch.zeros(int(new.sum()), dtype=torch.int64).index_add_(0, new.cumsum(0) - 1, lengths)
+    steps, counts = torch.unique_consecutive(step[new], return_counts=True)
+    starts, lengths, out, at = starts[new].tolist(), merged.tolist(), {}, 0
+    for s, n in zip(steps.tolist(), counts.tolist()):
+        out[s] = tuple(zip(starts[at:at + n], lengths[at:at + n]))
+        at += n
+    return out
 
 
 def key_depth(owners: Owners, rank: int, causal: bool, window: tuple[int, int], cells: dict,
