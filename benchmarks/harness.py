@@ -128,6 +128,32 @@ class Runner:
             times.append(seconds)
         return sorted(times)[len(times) // 2]
 
+    def timed_interleaved(self, fns, rounds: int = SHORT_ROUNDS) -> list[float]:
+        """Seconds per call of each of ``fns`` (one rank, no collective), measured in alternating rounds.
+
+        Each function gets ``timed``'s two warm-ups and its own number of calls per round (at least ``reps`` and
+        ``min_round_s``), then ``rounds`` rounds run the functions one after another, the median of each taken.
+        Functions compared with each other (a whole batch against each rank's share of it) then see the same GPU
+        clocks and temperature: timed one after another, the later ones ran up to 3% slower on an H200."""
+        reps = []
+        for fn in fns:
+            fn()
+            self.sync()
+            t = time.perf_counter()
+            fn()
+            self.sync()
+            first = time.perf_counter() - t
+            reps.append(max(self.cfg.reps, min(MAX_REPS, math.ceil(self.cfg.min_round_s / max(first, 1e-6)))))
+        times: list[list[float]] = [[] for _ in fns]
+        for _ in range(rounds):
+            for fn, n, out in zip(fns, reps, times):
+                t = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                self.sync()
+                out.append((time.perf_counter() - t) / n)
+        return [sorted(x)[len(x) // 2] for x in times]
+
     def on_rank0(self, fn) -> float:
         """Run a one-GPU measurement on rank 0 while the others wait; everyone gets the result."""
         result = torch.zeros(1, dtype=torch.float64, device=self.device)

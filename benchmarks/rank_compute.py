@@ -80,19 +80,34 @@ def measure(r: Runner, lengths: list[int], world: int, strategy: str, backend_na
     cu = lengths_to_cu_seqlens(lengths)
     plan = make_plan(cu, world, strategy=strategy)
     backend = select_backend(backend_name, r.spec())
-    t1 = r.timed(r.attention_fn(make_plan(cu, 1, strategy="contiguous"), Ring.local(), backend, backward)[0],
-                 collective=False)
+    whole = r.attention_fn(make_plan(cu, 1, strategy="contiguous"), Ring.local(), backend, backward)[0]
     total = int(cu[-1])
     q, k, v = r.qkv(total, False)
     dout = torch.randn(q.shape, device=r.device, dtype=r.dtype, generator=r.gen)
     scale = 1.0 / math.sqrt(r.cfg.shape.head_dim)
-    per_rank = [r.timed(run, collective=False) for run in rank_runs(plan, q, k, v, dout, backend, scale, backward)]
+    # T1 and every rank in alternating rounds, so that a drift of the GPU's clocks moves them alike
+    runs = rank_runs(plan, q, k, v, dout, backend, scale, backward)
+    t1, *per_rank = r.timed_interleaved([whole, *runs])
     row_bytes = 2 * r.cfg.shape.kv_heads * r.cfg.shape.head_dim * q.element_size()
     return {"strategy": strategy, "backend": backend_name, "world": world, "tokens": total,
             "tokens_per_rank": list(plan.num_tokens), "docs": len(lengths), "pass": "fwd+bwd" if backward else "fwd",
             "t1_s": t1, "rank_s": per_rank, "compute_efficiency": t1 / (world * max(per_rank)),
+            "host_s": [host_issue(r, run) for run in runs],
             "fwd_kv_mb_sent": sum(map(sum, plan.send_tokens)) * row_bytes / 1e6,
             "tiles_per_rank": [sum(plan.tiles_per_step(x)) for x in range(world)]}
+
+
+def host_issue(r: Runner, run, repeats: int = 3) -> float:
+    """Seconds the host takes to issue one ``run`` (the median of ``repeats``), the device idle at the start: where
+    it comes near the rank's time, the host, not the device, sets the pace."""
+    times = []
+    for _ in range(repeats):
+        r.sync()
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    r.sync()
+    return sorted(times)[len(times) // 2]
 
 
 def issue_and_syncs(r: Runner, run) -> str:
@@ -119,12 +134,12 @@ def issue_and_syncs(r: Runner, run) -> str:
             + (f" ({syncs})" if syncs else ""))
 
 
-def profile(r: Runner, tokens_per_rank: int, world: int, backend_name: str) -> str:
-    """torch.profiler's op table (by device time) of one document's whole batch and of each rank, fwd+bwd."""
+def profile(r: Runner, tokens_per_rank: int, world: int, backend_name: str, mix: str = "one doc") -> str:
+    """torch.profiler's op table (by device time) of ``mix``'s whole batch and of each rank, fwd+bwd."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    cu = lengths_to_cu_seqlens([tokens_per_rank * world])
+    cu = lengths_to_cu_seqlens(mix_lengths(mix, tokens_per_rank * world))
     plan = make_plan(cu, world)
     backend = select_backend(backend_name, r.spec())
     q, k, v = r.qkv(int(cu[-1]), False)
@@ -145,10 +160,16 @@ def profile(r: Runner, tokens_per_rank: int, world: int, backend_name: str) -> s
                 run()
             r.sync()
         sort = "self_cuda_time_total" if r.device.type == "cuda" else "self_cpu_time_total"
-        parts.append(f"## {what}: one document, {tokens_per_rank * world} tokens, {backend_name}, fwd+bwd x 5\n\n"
+        parts.append(f"## {what}: {mix}, {tokens_per_rank * world} tokens, {backend_name}, fwd+bwd x 5\n\n"
                      f"{issue_and_syncs(r, run)}\n\n"
                      + prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
     return "\n\n".join(parts) + "\n"
+
+
+def mix_lengths(mix: str, total: int) -> list[int]:
+    """The document lengths of ``mix`` (a row name of the grid) for ``total`` tokens."""
+    return {"one doc": lambda: [total], "2k docs": lambda: mixes.uniform(total, 2048),
+            "long tail": lambda: mixes.long_tail(total, seed=0)}[mix]()
 
 
 def grid(world: int, dry_run: bool) -> list[tuple[str, int, list[int], tuple[str, ...], tuple[str, ...], tuple]]:
@@ -161,12 +182,11 @@ def grid(world: int, dry_run: bool) -> list[tuple[str, int, list[int], tuple[str
         total = tpg * world
         one = ("balanced",) if tpg == 131072 else ("balanced", "zigzag")
         passes = (True,) if tpg == 131072 else (False, True)
-        out.append(("one doc", tpg, [total], one, ("auto", "torch_flash"), passes))
+        out.append(("one doc", tpg, mix_lengths("one doc", total), one, ("auto", "torch_flash"), passes))
         if tpg < 131072:
-            out.append(("2k docs", tpg, mixes.uniform(total, 2048), ("balanced", "zigzag", "contiguous"), ("auto",),
-                        (True,)))
-            out.append(("long tail", tpg, mixes.long_tail(total, seed=0), ("balanced", "zigzag", "contiguous"),
-                        ("auto",), (True,)))
+            for mix in ("2k docs", "long tail"):
+                out.append((mix, tpg, mix_lengths(mix, total), ("balanced", "zigzag", "contiguous"), ("auto",),
+                            (True,)))
     return out
 
 
@@ -174,17 +194,19 @@ def markdown(rows: list[dict], env: dict) -> str:
     lines = report_header("Each rank's compute, one rank at a time on one GPU (the exchange free)", env, [
         f"- shape {env['shape']}, causal; P = {env['world']} ranks",
         "- compute efficiency = T1 / (P x max over ranks of the rank's time): an upper bound of the P-GPU ring",
-        "  efficiency when the exchange is hidden; not a 2-GPU measurement"])
+        "  efficiency when the exchange is hidden; not a 2-GPU measurement. T1 and the ranks are timed in alternating",
+        "  rounds (medians of 5); host ms: the host's time to issue one rank's call (near its time: host-bound)"])
     lines += ["| mix | tokens/rank | strategy | backend | pass | T1 s | rank times s | compute efficiency | "
-             "fwd KV MB sent | tiles per rank |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "host ms per rank | fwd KV MB sent | tiles per rank |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in rows:
         if "error" in x:
             lines.append(f"| {x['mix']} | {x['tokens_per_gpu']} | {x['strategy']} | {x['backend']} | {x['pass']} | "
-                         f"error: {x['error']} | | | | |")
+                         f"error: {x['error']} | | | | | |")
             continue
         ranks = " / ".join(f"{t:.4f}" for t in x["rank_s"])
         lines.append(f"| {x['mix']} | {x['tokens_per_gpu']} | {x['strategy']} | {x['backend']} | {x['pass']} | "
-                     f"{x['t1_s']:.4f} | {ranks} | {x['compute_efficiency']:.3f} | {x['fwd_kv_mb_sent']:.1f} | "
+                     f"{x['t1_s']:.4f} | {ranks} | {x['compute_efficiency']:.3f} | "
+                     f"{' / '.join(f'{1e3 * t:.2f}' for t in x.get('host_s', []))} | {x['fwd_kv_mb_sent']:.1f} | "
                      f"{x['tiles_per_rank']} |")
     return "\n".join(lines) + "\n"
 
@@ -205,14 +227,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="run these backends on every mix instead of the grid's (repeat for several)")
     p.add_argument("--fwd-bwd-only", action="store_true", help="skip the forward-only rows")
     p.add_argument("--profile", type=int, default=0, metavar="TOKENS_PER_RANK",
-                   help="first write torch.profiler's op tables of one document of this many tokens per rank "
+                   help="first write torch.profiler's op tables of --profile-mix at this many tokens per rank "
                         "(auto) beside --out (.profile.txt)")
+    p.add_argument("--profile-mix", choices=("one doc", "2k docs", "long tail"), default="one doc",
+                   help="the mix --profile profiles (default: %(default)s)")
     args = p.parse_args(argv)
     r = script_runner(args.dry_run, budget_s=args.budget_s, out=args.out)
     shape = r.cfg.shape
     if args.profile:
         with open(args.out.removesuffix(".json") + ".profile.txt", "w") as f:
-            f.write(profile(r, args.profile, args.world, "reference" if args.dry_run else "auto"))
+            f.write(profile(r, args.profile, args.world, "reference" if args.dry_run else "auto", args.profile_mix))
     start, rows = time.perf_counter(), []
     for mix, tpg, lengths, strategies, backends, passes in grid(args.world, args.dry_run):
         if mix not in (args.mix or [mix]) or tpg not in (args.tokens_per_rank or [tpg]):

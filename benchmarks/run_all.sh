@@ -2,6 +2,7 @@
 # GPU tests and benchmarks on a GPU machine, in stages that each fit a 10-minute call on one GPU:
 #
 #   OUT=dir benchmarks/run_all.sh tests    # the GPU tests, each file in its own pytest run (tests.log)
+#   OUT=dir benchmarks/run_all.sh warmup   # the FA4 warmup test: new packings compile nothing after ringpack.warmup
 #   OUT=dir benchmarks/run_all.sh bench    # tile classes per backend, each rank's compute, the fused merge
 #   OUT=dir benchmarks/run_all.sh          # both, after building the CUDA extension
 #   OUT=dir benchmarks/run_all.sh build    # only build the CUDA extension (csrc/) in place
@@ -58,12 +59,17 @@ if [[ $STAGE == all || $STAGE == tests ]]; then
     # The ring as 2 thread ranks for every backend but flex, 3 for auto; FA4's first calls compile its kernels.
     run_tests 300 -s "$ring::test_one_gpu_every_backend" "$ring::test_auto_split_between_cudnn_and_flash" \
       "$threads[2-auto]" "$threads[2-torch_flash]" "$threads[2-cudnn]" "$threads[2-flash_attn_4]" \
-      "$threads[3-auto]" "$ring::test_fa4_new_packings_compile_nothing_after_warmup"
+      "$threads[3-auto]"
     run_tests 100 tests/gpu/test_compile.py  # about 71 s on an H200 (mostly compiling)
   else
     run_tests 90 tests/gpu/test_compile.py
     run_tests 400 -s tests/gpu/test_gpu_ring.py
   fi
+fi
+
+if [[ $STAGE == all || $STAGE == warmup ]]; then
+  echo "== the FA4 warmup test (about 200 s on an H200, mostly compiling)"
+  run_tests 300 -s tests/gpu/test_gpu_ring.py::test_fa4_new_packings_compile_nothing_after_warmup
 fi
 
 if [[ $STAGE == all || $STAGE == bench ]]; then

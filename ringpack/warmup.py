@@ -2,13 +2,18 @@
 
 Some kernels compile on their first call for each *class* of tile (FlashAttention-4: about 2-6 s per mask kind,
 head dim, dtype, GQA ratio and softcap on an H200; FlexAttention: tens of seconds), and cuDNN builds a graph per
-shape. Unwarmed, that cost lands in step 1, or in the first batch whose packing holds a tile of a new class. The
-tiles of any plan are pieces of documents against pieces of the same documents under one mask, so a synthetic pack
-cut zigzag-wise over a few ranks, in chunks longer than the window, holds every class a mask can produce: full
-tiles, plain causal ones, and bands bounded on the left, the right or both. Kernels also specialise on sizes (FA4's
-backward on a call that fits one block of rows or of keys, its schedulers on calls of more than 256 sequences), so
-each class then runs alone at one-block and many-block sizes, and as a call of 300 small tiles. ``warmup`` runs the
-backend's forward and backward once on each, on this device, with no communication.
+shape. Unwarmed, that cost lands in step 1, or in the first batch whose packing holds a tile of a new class.
+
+A tile's class is which sides of its bottom-right window are bounded (``tile_class``), and a mask allows the classes
+its band allows: a bounded left side needs a window's left edge, a bounded right side a causal mask or a window's
+right edge (``mask_classes``; every packing, strategy and world size draws from these). Kernels also specialise on
+sizes: FA4 on a call whose rows or keys fit one block, and on calls of more than 256 sequences. So each class runs
+alone at one-block and many-block sizes, and in calls of 2 and of 300 small tiles with every combination of one
+block or many of rows and of keys (``warmup_waves``). ``warmup`` runs the backend's forward and backward once on
+each, on this device, with no communication.
+
+FlashAttention-4 can also keep its compiled kernels on disk (``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1``, in
+``FLASH_ATTENTION_CUTE_DSL_CACHE_DIR``): a later process then loads them instead of compiling.
 """
 
 from __future__ import annotations
@@ -21,22 +26,26 @@ import torch
 from ringpack import accumulate
 from ringpack.backends import AttnSpec, Backend, select_backend
 from ringpack.merge import accumulation_dtype
-from ringpack.plan import make_plan, validate_window
+from ringpack.plan import validate_window
 from ringpack.schedule import Tile, Wave, band_tile, prefix_sums
 from ringpack.validation import boolean, integer, real
 
-# The synthetic pack: one document cut zigzag-wise over WORLD ranks, in chunks longer than the window (so that a
-# chunk's tiles are bounded by it on either side), and short ones (so that small tiles of every class appear).
-WORLD = 3
-SHORT = (96, 33, 5, 2, 1)
 SIZES = ((16, 16), (16, 512), (512, 16), (512, 512))  # one block and many, of rows and of keys
-MANY = 300  # tiles in one call: past FA4's 256-sequence scheduler switch
+MANY = 300  # sequences in one call: past FA4's 256-sequence scheduler switch
 
 
 def tile_class(tile: Tile) -> tuple[bool, int]:
     """What kernels specialise a tile's mask on: a bounded left side, and the right side unbounded (-1), 0, or
     bounded further (1)."""
     return tile.left >= 0, min(tile.right, 1)
+
+
+def mask_classes(causal: bool, window: tuple[int, int]) -> list[tuple[bool, int]]:
+    """Every class a tile of this mask can have: its left side bounded only under a window's left edge, its right
+    side only under a causal mask or a window's right edge (and then at 0 or beyond it, by where the tile ends)."""
+    lefts = (False, True) if window[0] >= 0 else (False,)
+    rights = (-1, 0, 1) if causal or window[1] >= 0 else (-1,)
+    return [(left, right) for left in lefts for right in rights]
 
 
 def class_tile(kind: tuple[bool, int], q_len: int, k_len: int) -> Tile | None:
@@ -49,22 +58,34 @@ def class_tile(kind: tuple[bool, int], q_len: int, k_len: int) -> Tile | None:
     return t if t is not None and (t.q_len, t.k_len) == (q_len, k_len) and tile_class(t) == kind else None
 
 
+def _laid_out(tiles: list[Tile], q_gap: int = 0, k_gap: int = 0) -> tuple[Wave, int]:
+    """``tiles`` one after another in rows and in keys, as a plan lays out documents, with ``q_gap`` rows and
+    ``k_gap`` keys left out before the last one: the wave and its key rows."""
+    q = prefix_sums(t.q_len + (q_gap if i == len(tiles) - 2 else 0) for i, t in enumerate(tiles))
+    k = prefix_sums(t.k_len + (k_gap if i == len(tiles) - 2 else 0) for i, t in enumerate(tiles))
+    return Wave.of(tuple(t._replace(q_start=q[i], k_start=k[i]) for i, t in enumerate(tiles))), k[-1]
+
+
 def warmup_waves(causal: bool, window: tuple[int, int]) -> list[tuple[Wave, int]]:
-    """``(wave, key rows)`` covering every class of tile the mask produces, at every size a kernel specialises on."""
-    chunk = max(512, 2 * max(window) + 64)
-    lengths = (2 * WORLD * chunk, *SHORT)
-    plan = make_plan(prefix_sums(lengths), WORLD, strategy="zigzag", causal=causal, window_size=window)
-    kinds = sorted({tile_class(t) for steps in plan.steps for step in steps for t in step.tiles})
+    """``(wave, key rows)`` covering every class of tile the mask allows, at every size a kernel specialises on.
+
+    A varlen call's sizes are its longest sequences, and rows or keys between a call's tiles are sequences too (with
+    no keys, or no rows: ``backends.varlen``), so a call of small tiles can be one block of rows and many of keys, or
+    the other way round, whatever the tiles' own shapes allow: those are made with gaps between two small tiles."""
+    gap = max(size for size, _ in SIZES)
     waves = []
-    for kind in kinds:
+    for kind in mask_classes(causal, window):
         for q_len, k_len in SIZES:
             t = class_tile(kind, q_len, k_len)
             if t is not None:
-                waves.append((Wave.of((t,)), k_len))
+                waves.append(_laid_out([t]))
         small = class_tile(kind, 16, 16) or class_tile(kind, 1, 1)
-        if small is not None:
-            n = small.q_len
-            waves.append((Wave.of(tuple(small._replace(q_start=i * n) for i in range(MANY))), small.k_len))
+        if small is None:
+            continue
+        for count in (2, MANY):  # few sequences, and more than 256
+            for q_gap in (0, gap):
+                for k_gap in (0, gap):
+                    waves.append(_laid_out([small] * count, q_gap, k_gap))
     return waves
 
 

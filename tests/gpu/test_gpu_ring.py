@@ -214,6 +214,7 @@ def test_fa4_new_packings_compile_nothing_after_warmup():
                         backend="flash_attn_4", **SHAPE)
             result = threaded_case(case, rng.randint(1, 3), "cuda")
             assert result.ok, result.reason
-        print(f"fa4 warmup causal={causal} window={window}: {seconds:.1f} s, {len(before)} kernels", flush=True)
         new = _fa4_compiled() - before
+        print(f"fa4 warmup causal={causal} window={window}: {seconds:.1f} s, {len(before)} kernels; compiled after "
+              f"it: {sorted(map(str, new)) or 'none'}", flush=True)
         assert not new, f"new packings compiled kernels the warmup did not: {sorted(new)}"
