@@ -30,6 +30,7 @@ import torch
 from mixes import MIXES, n_docs
 
 import ringpack
+from ringpack.backends.varlen import varlen_groups
 
 CAP = 3  # ring.ROUND_ONCE_DEPTH + 1: the ring keeps a key's gradients 16-bit where its depth is below this
 SCALE = {  # the packs of issue 18: name -> (document lengths, world sizes)
@@ -56,6 +57,12 @@ def ring_reads(plan: ringpack.Plan, rank: int, *, capped: bool) -> int:
         read.append((plan.send_runs(rank, s), step.recv_tokens))
     read.append((plan.busy_steps(rank), plan.send_tokens[rank], plan.query_depth[rank]))
     return tiles
+
+
+def layouts(plan: ringpack.Plan, rank: int) -> int:
+    """Lay out every wave of ``rank`` as varlen kernel calls, as the varlen backends do on a wave's first run (the
+    layout cache bypassed); returns the calls."""
+    return sum(len(varlen_groups.__wrapped__(wave)) for step in plan.steps[rank] for wave in step.waves)
 
 
 def timed(fn, repeats: int, setup=lambda: None, budget_s: float = 2.0) -> tuple[float, float]:
@@ -92,6 +99,14 @@ def measure_case(name: str, world: int, strategy: str, repeats: int) -> dict:
         times = [timed(lambda p, r=r, c=capped: ring_reads(p, r, capped=c), repeats, plan) for r in ranks]
         how = "capped" if capped else "exact"
         row[f"rank_{how}_s"], row[f"rank_{how}_cpu_s"] = max(t[0] for t in times), max(t[1] for t in times)
+    times = []
+    for r in ranks:
+        def ready(_=None, r=r):
+            p = plan()
+            ring_reads(p, r, capped=True)
+            return p
+        times.append(timed(lambda p, r=r: layouts(p, r), repeats, ready))
+    row["layouts_s"], row["layouts_cpu_s"] = max(t[0] for t in times), max(t[1] for t in times)
     tiles = {r: ring_reads(plan(), r, capped=True) for r in ranks}
     rank = max(ranks, key=tiles.__getitem__)
     row["tiles"] = tiles[rank]
@@ -152,17 +167,20 @@ def balance_rows(tokens: int, repeats: int) -> list[str]:
 
 def scale_rows(repeats: int) -> list[str]:
     lines = ["| pack | docs | ranks | strategy | make_plan ms | + one rank, ring today (exact key_depth of every "
-             "source) ms | + one rank, key_depth_capped ms | total with capped ms (CPU ms) | tiles of the rank | "
-             "Python peak MiB | RSS growth MiB | bytes per tile |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "source) ms | + one rank, key_depth_capped ms | + its varlen call layouts ms | total with capped and "
+             "layouts ms (CPU ms) | tiles of the rank | Python peak MiB | RSS growth MiB | bytes per tile |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, (gen, worlds) in SCALE.items():
         lengths = gen()
         for world in worlds:
             for strategy in ringpack.STRATEGIES:
                 m = measure_case(name, world, strategy, repeats)
-                total, total_cpu = m["make_plan_s"] + m["rank_capped_s"], m["make_plan_cpu_s"] + m["rank_capped_cpu_s"]
+                total = m["make_plan_s"] + m["rank_capped_s"] + m["layouts_s"]
+                total_cpu = m["make_plan_cpu_s"] + m["rank_capped_cpu_s"] + m["layouts_cpu_s"]
                 per_tile = m["py_peak_mib"] * 2 ** 20 / max(m["mem_rank_tiles"], 1)
                 lines.append(f"| {name} | {len(lengths)} | {world} | {strategy} | {m['make_plan_s'] * 1e3:.1f} | "
                              f"{m['rank_exact_s'] * 1e3:.1f} | {m['rank_capped_s'] * 1e3:.1f} | "
+                             f"{m['layouts_s'] * 1e3:.1f} | "
                              f"{total * 1e3:.1f} ({total_cpu * 1e3:.1f}) | {m['tiles']} | {m['py_peak_mib']:.1f} | "
                              f"{m['rss_growth_mib']:.1f} | {per_tile:.0f} |")
                 print(lines[-1], flush=True)
@@ -189,7 +207,9 @@ def main() -> int:
     if args.only != "balance":
         lines += ["## Planning at scale (issue 18): 1M tokens in 10k and 100k documents, 10 tokens over 4096 ranks",
                   "", "One rank = the slowest of rank 0, the last rank and the rank with the most tokens, each on a "
-                  "fresh plan (its time beyond make_plan). Memory: make_plan plus that rank's reads, fresh process.",
+                  "fresh plan (its time beyond make_plan), then its waves laid out as varlen kernel calls (what the "
+                  "varlen backends compute on a wave's first run, host side). Memory: make_plan plus that rank's "
+                  "reads, fresh process.",
                   ""] + scale_rows(args.repeats) + [""]
     text = "\n".join(lines)
     print(text)

@@ -99,14 +99,8 @@ class Runner:
         sizes dynamic; one warm-up left that compile inside flex's timed forward on 2026-11-23). Then rounds of
         at least ``reps`` calls and ``min_round_s`` seconds; short calls get five rounds and their median, since
         a few milliseconds timed once moved by 5% between runs on 2026-11-23."""
-        fn()
-        self.sync()
-        t = time.perf_counter()
-        fn()
-        self.sync()
-        first = time.perf_counter() - t
+        first, reps = self._warm_up(fn)
         short = first * self.cfg.reps < self.cfg.min_round_s
-        reps = max(self.cfg.reps, min(MAX_REPS, math.ceil(self.cfg.min_round_s / max(first, 1e-6))))
         if collective and self.world > 1:  # every rank runs the same rounds of the same number of calls
             n = torch.tensor([reps, int(short)], device=self.device)
             dist.all_reduce(n, op=dist.ReduceOp.MAX)
@@ -135,15 +129,7 @@ class Runner:
         ``min_round_s``), then ``rounds`` rounds run the functions one after another, the median of each taken.
         Functions compared with each other (a whole batch against each rank's share of it) then see the same GPU
         clocks and temperature: timed one after another, the later ones ran up to 3% slower on an H200."""
-        reps = []
-        for fn in fns:
-            fn()
-            self.sync()
-            t = time.perf_counter()
-            fn()
-            self.sync()
-            first = time.perf_counter() - t
-            reps.append(max(self.cfg.reps, min(MAX_REPS, math.ceil(self.cfg.min_round_s / max(first, 1e-6)))))
+        reps = [self._warm_up(fn)[1] for fn in fns]
         times: list[list[float]] = [[] for _ in fns]
         for _ in range(rounds):
             for fn, n, out in zip(fns, reps, times):
@@ -153,6 +139,16 @@ class Runner:
                 self.sync()
                 out.append((time.perf_counter() - t) / n)
         return [sorted(x)[len(x) // 2] for x in times]
+
+    def _warm_up(self, fn) -> tuple[float, int]:
+        """Two calls of ``fn``; the seconds of the second, and the calls a round of ``timed`` makes of it."""
+        fn()
+        self.sync()
+        t = time.perf_counter()
+        fn()
+        self.sync()
+        first = time.perf_counter() - t
+        return first, max(self.cfg.reps, min(MAX_REPS, math.ceil(self.cfg.min_round_s / max(first, 1e-6))))
 
     def on_rank0(self, fn) -> float:
         """Run a one-GPU measurement on rank 0 while the others wait; everyone gets the result."""

@@ -99,6 +99,8 @@ class AutoBackend(Backend):
 @functools.lru_cache(maxsize=4096)
 def _split(auto: AutoBackend, wave: Wave) -> tuple[tuple[Backend, Wave], ...]:
     """Cached: a plan is reused by every layer, so each wave is split once."""
+    if not auto.rules:  # the general backend takes every tile: no tile needs looking at
+        return ((auto.general[0], wave),)
     chosen: dict[int, list[Tile]] = {}
     for tile in wave.tiles:
         chosen.setdefault(auto.backends.index(auto.backend_for(tile)), []).append(tile)

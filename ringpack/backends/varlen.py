@@ -71,40 +71,61 @@ class VarlenGroup:
         return left, right, max(self.max_k, left + 1, right + 1)
 
 
-def _group(tiles: list[Tile], q_span: tuple[int, int], k_span: tuple[int, int]) -> VarlenGroup:
-    tiles = sorted(tiles, key=lambda t: t.q_start)
-    contiguous = all(a.k_start + a.k_len <= b.k_start for a, b in zip(tiles, tiles[1:]))
-    q_lens: list[int] = []
-    k_lens: list[int] = []
-    q_pos, k_pos = q_span[0], tiles[0].k_start
-    runs: list[tuple[int, int]] = []
-    for t in tiles:
-        if t.q_start > q_pos:  # rows this group leaves alone: no keys
-            q_lens.append(t.q_start - q_pos)
-            k_lens.append(0)
-        if contiguous and t.k_start > k_pos:  # keys no tile of this group uses: no rows
-            q_lens.append(0)
-            k_lens.append(t.k_start - k_pos)
-        q_lens.append(t.q_len)
-        k_lens.append(t.k_len)
-        runs.append((t.k_start - k_span[0], t.k_len))
-        q_pos, k_pos = t.q_start + t.q_len, t.k_start + t.k_len
-    if q_span[1] > q_pos:
-        q_lens.append(q_span[1] - q_pos)
-        k_lens.append(0)
-    return VarlenGroup(tiles[0].left, tiles[0].right, tuple(q_lens), tuple(k_lens), tiles[0].k_start - k_span[0],
-                       None if contiguous else tuple(runs))
-
-
 @functools.lru_cache(maxsize=4096)
 def varlen_groups(wave: Wave) -> tuple[VarlenGroup, ...]:
-    """The varlen calls that compute ``wave``: one per distinct (left, right) window of its tiles.
+    """The varlen calls that compute ``wave``: one per distinct (left, right) window of its tiles, in the order the
+    windows first appear; each group's tiles in query order.
+
+    Read from the wave's table in bulk (a zigzag wave holds hundreds of thousands of tiles, and no ``Tile`` object
+    is made here). Per tile, in query order: the rows since the group's previous tile (a sequence with no keys),
+    the keys skipped since its previous tile's keys when the group's keys come in order (a sequence with no rows),
+    then the tile itself; after the last tile, the rows left to the end of the wave's query hull.
 
     Cached: a plan is reused by every layer, so each wave is laid out once (host tuples only)."""
-    by_window: dict[tuple[int, int], list[Tile]] = {}
-    for tile in wave.tiles:
-        by_window.setdefault((tile.left, tile.right), []).append(tile)
-    return tuple(_group(tiles, wave.q_span, wave.k_span) for tiles in by_window.values())
+    n = len(wave)
+    if n == 0:
+        return ()
+    t = torch.frombuffer(bytearray(wave.table), dtype=torch.int64).view(n, len(Tile._fields))
+    q0, q_len, k0, k_len, left, right = (t[:, Tile._fields.index(f)] for f in _GROUP_FIELDS)
+    # groups: the distinct windows, numbered in order of first appearance; tiles sorted by (group, query row)
+    span = int(right.max()) + 2  # one key per window (sides >= -1); a 1-d unique is far faster than unique(dim=0)
+    keys, inverse = torch.unique((left + 1) * span + right + 1, return_inverse=True)
+    windows = torch.stack([keys // span - 1, keys % span - 1], 1)
+    first = torch.full((len(windows),), n, dtype=torch.int64).scatter_reduce(0, inverse, torch.arange(n), "amin")
+    by_first = torch.argsort(first)
+    number = torch.empty_like(first)
+    number[by_first] = torch.arange(len(windows))
+    group = number[inverse]
+    order = torch.argsort(q0, stable=True)
+    order = order[torch.argsort(group[order], stable=True)]
+    group, q0, q_len, k0, k_len = (x[order] for x in (group, q0, q_len, k0, k_len))
+    q_end, k_end = q0 + q_len, k0 + k_len
+    opens = torch.ones(n, dtype=torch.bool)  # the first tile of its group
+    opens[1:] = group[1:] != group[:-1]
+    closes = torch.ones(n, dtype=torch.bool)  # the last one
+    closes[:-1] = opens[1:]
+    prev_q_end = torch.where(opens, wave.q_span[0], torch.roll(q_end, 1))
+    prev_k_end = torch.where(opens, k0, torch.roll(k_end, 1))
+    in_order = torch.ones(len(windows), dtype=torch.bool).scatter_reduce(0, group, prev_k_end <= k0, "amin")
+    zero = torch.zeros_like(q0)
+    q_gap, k_gap = q0 - prev_q_end, torch.where(in_order[group], k0 - prev_k_end, zero)
+    tail = torch.where(closes, wave.q_span[1] - q_end, zero)
+    # four sequences per tile, kept where not empty: rows skipped, keys skipped, the tile, rows left at the end
+    keep = torch.stack([q_gap > 0, k_gap > 0, torch.ones_like(opens), tail > 0], 1)
+    q_seq, k_seq = torch.stack([q_gap, zero, q_len, tail], 1)[keep], torch.stack([zero, k_gap, k_len, zero], 1)[keep]
+    counts = torch.zeros(len(windows), dtype=torch.int64).scatter_add(0, group, keep.sum(1)).tolist()
+    per_group = torch.bincount(group, minlength=len(windows)).tolist()
+    runs = zip(torch.split(k0 - wave.k_span[0], per_group), torch.split(k_len, per_group))
+    first_k = (k0[opens] - wave.k_span[0]).tolist()
+    ordered = in_order.tolist()
+    return tuple(VarlenGroup(left_, right_, tuple(ql.tolist()), tuple(kl.tolist()), first_k[g],
+                             None if ordered[g] else tuple(zip(rs.tolist(), rl.tolist())))
+                 for g, ((left_, right_), ql, kl, (rs, rl)) in enumerate(zip(windows[by_first].tolist(),
+                                                                    torch.split(q_seq, counts),
+                                                                    torch.split(k_seq, counts), runs)))
+
+
+_GROUP_FIELDS = ("q_start", "q_len", "k_start", "k_len", "left", "right")
 
 
 @functools.lru_cache(maxsize=4096)
