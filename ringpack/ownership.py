@@ -22,6 +22,19 @@ CUT = -1  # ``Chunked.owner`` of a document cut into ``2 * world`` chunks over e
 Layout = tuple[tuple[int, int], ...]  # one rank's segments of one document: (offset in the document, length), in order
 
 
+def stream_segments(cu, lo: int, hi: int) -> list[tuple[int, int, int]]:
+    """Tokens ``[lo, hi)`` of the packed stream as (document, offset in it, length), in order, over boundaries
+    ``cu``; empty documents give nothing."""
+    out = []
+    d = bisect.bisect_right(cu, lo) - 1
+    while lo < hi:
+        end = min(hi, cu[d + 1])
+        if end > lo:
+            out.append((d, lo - cu[d], end - lo))
+        lo, d = end, d + 1
+    return out
+
+
 class Documents(NamedTuple):
     """One rank's documents in local order, as int64 columns. Documents of one *group* are cut alike (the same
     holders with the same layouts), so what a rank computes of them is the same but for where each sits."""
@@ -215,15 +228,7 @@ class Contiguous:
         self.key = ()
 
     def segments(self, rank: int) -> list[tuple[int, int, int]]:
-        cu, lo, hi = self.cu, self.bounds[rank], self.bounds[rank + 1]
-        out = []
-        d = bisect.bisect_right(cu, lo) - 1
-        while lo < hi:
-            end = min(hi, cu[d + 1])
-            if end > lo:
-                out.append((d, lo - cu[d], end - lo))
-            lo, d = end, d + 1
-        return out
+        return stream_segments(self.cu, self.bounds[rank], self.bounds[rank + 1])
 
     def shared(self, rank: int) -> Iterator[tuple[int, Layout]]:
         """``rank``'s documents that other ranks hold parts of too (at most its first and its last)."""
@@ -279,16 +284,9 @@ class Refined:
         return self._segments[rank]
 
     def _cut(self, rank: int) -> list[tuple[int, int, int]]:
-        base_cu, cu, out = self.base.cu, self.cu, []
-        for doc, offset, length in self.base.segments(rank):
-            pos, stop = base_cu[doc] + offset, base_cu[doc] + offset + length
-            d = bisect.bisect_right(cu, pos) - 1
-            while pos < stop:
-                end = min(stop, cu[d + 1])
-                if end > pos:
-                    out.append((d, pos - cu[d], end - pos))
-                pos, d = end, d + 1
-        return out
+        base_cu = self.base.cu
+        return [piece for doc, offset, length in self.base.segments(rank)
+                for piece in stream_segments(self.cu, base_cu[doc] + offset, base_cu[doc] + offset + length)]
 
     @functools.cached_property
     def _by_doc(self) -> tuple[dict[int, dict[int, Layout]], list[dict[int, int]]]:
