@@ -166,6 +166,41 @@ def profile(r: Runner, tokens_per_rank: int, world: int, backend_name: str, mix:
     return "\n\n".join(parts) + "\n"
 
 
+def host_profile(r: Runner, tokens_per_rank: int, world: int, backend_name: str, mix: str) -> str:
+    """cProfile's table (by own time, then by cumulative time) of the host issuing ``mix``'s whole batch and rank 0,
+    fwd+bwd: where the host time of a host-bound rank goes, Python function by function."""
+    import cProfile
+    import io
+    import pstats
+
+    cu = lengths_to_cu_seqlens(mix_lengths(mix, tokens_per_rank * world))
+    backend = select_backend(backend_name, r.spec())
+    q, k, v = r.qkv(int(cu[-1]), False)
+    dout = torch.randn(q.shape, device=r.device, dtype=r.dtype, generator=r.gen)
+    scale = 1.0 / math.sqrt(r.cfg.shape.head_dim)
+    runs = [("whole batch, one rank", rank_runs(make_plan(cu, 1, strategy="contiguous"), q, k, v, dout, backend,
+                                                scale, True)[0]),
+            (f"rank 0 of {world}", rank_runs(make_plan(cu, world), q, k, v, dout, backend, scale, True)[0])]
+    parts = []
+    for what, run in runs:
+        for _ in range(3):
+            run()
+        r.sync()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(10):
+            run()
+        prof.disable()
+        r.sync()
+        text = io.StringIO()
+        stats = pstats.Stats(prof, stream=text)
+        stats.sort_stats("tottime").print_stats(30)
+        stats.sort_stats("cumulative").print_stats(40)
+        parts.append(f"## {what}: {mix}, {tokens_per_rank * world} tokens, {backend_name}, fwd+bwd x 10\n\n"
+                     f"{issue_and_syncs(r, run)}\n\n{text.getvalue()}")
+    return "\n\n".join(parts) + "\n"
+
+
 def mix_lengths(mix: str, total: int) -> list[int]:
     """The document lengths of ``mix`` (a row name of the grid) for ``total`` tokens."""
     return {"one doc": lambda: [total], "2k docs": lambda: mixes.uniform(total, 2048),
@@ -230,13 +265,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="first write torch.profiler's op tables of --profile-mix at this many tokens per rank "
                         "(auto) beside --out (.profile.txt)")
     p.add_argument("--profile-mix", choices=("one doc", "2k docs", "long tail"), default="one doc",
-                   help="the mix --profile profiles (default: %(default)s)")
+                   help="the mix --profile and --host-profile profile (default: %(default)s)")
+    p.add_argument("--host-profile", type=int, default=0, metavar="TOKENS_PER_RANK",
+                   help="first write cProfile's tables of the host issuing --profile-mix at this many tokens per "
+                        "rank (auto) beside --out (.host.txt)")
     args = p.parse_args(argv)
     r = script_runner(args.dry_run, budget_s=args.budget_s, out=args.out)
     shape = r.cfg.shape
     if args.profile:
         with open(args.out.removesuffix(".json") + ".profile.txt", "w") as f:
             f.write(profile(r, args.profile, args.world, "reference" if args.dry_run else "auto", args.profile_mix))
+    if args.host_profile:
+        with open(args.out.removesuffix(".json") + ".host.txt", "w") as f:
+            f.write(host_profile(r, args.host_profile, args.world, "reference" if args.dry_run else "auto",
+                                 args.profile_mix))
     start, rows = time.perf_counter(), []
     for mix, tpg, lengths, strategies, backends, passes in grid(args.world, args.dry_run):
         if mix not in (args.mix or [mix]) or tpg not in (args.tokens_per_rank or [tpg]):

@@ -65,7 +65,13 @@ def documents_of(owners, segments: list[tuple[int, int, int]]) -> Documents:
 
 class Chunked:
     """Documents either whole on one rank or cut into ``2 * world`` near-equal chunks, rank ``r`` owning chunks
-    ``r`` and ``2*world-1-r``; a rank lays out its documents in global order (``order``: rank 0's, one rank).
+    ``r`` and ``2*world-1-r``. A rank lays out its cut documents first, then its whole ones, each in global order
+    (``order``: rank 0's, one rank)::
+
+        pack   A(cut) b c D(cut) e        rank 0 of 2: chunks of A, of D, then its whole b, e
+        rank 0 rows   A0 A3 D0 D3 b e     only cut documents have tiles at a step past 0: their query rows
+                                          lie within the shard's leading rows (a short hull for the step's
+                                          kernel calls and merges), and so do the rows a source sends
 
     Chunk ``c`` of a document of length ``L`` is ``[c*L // (2*world), (c+1)*L // (2*world))``: any length works,
     chunks may differ by one token or be empty, nothing is padded. A cut document's layout on every rank depends
@@ -112,7 +118,7 @@ class Chunked:
             docs = range(len(cu) - 1)
         else:
             lengths, owner = self._tensors
-            docs = sorted(((owner == rank) & (lengths > 0)).nonzero().flatten().tolist() + self._cut)
+            docs = self._cut + ((owner == rank) & (lengths > 0)).nonzero().flatten().tolist()
         for d in docs:
             length = cu[d + 1] - cu[d]
             if not length:
@@ -145,7 +151,11 @@ class Chunked:
         lengths, owner = self._tensors
         cut = owner == CUT
         tokens = torch.where(cut, self._chunk_tokens(rank, lengths), torch.where(owner == rank, lengths, 0))
-        docs = (tokens > 0).nonzero().flatten() if self.order is None else torch.tensor(self.order, dtype=torch.int64)
+        if self.order is None:
+            docs = (tokens > 0).nonzero().flatten()
+            docs = torch.cat([docs[cut[docs]], docs[~cut[docs]]])  # cut ones first (the local order)
+        else:
+            docs = torch.tensor(self.order, dtype=torch.int64)
         tokens = tokens[docs]
         keys, group = torch.unique(lengths[docs] * 2 + cut[docs], return_inverse=True)
         first_of_group = torch.full_like(keys, len(docs)).scatter_reduce_(0, group, torch.arange(len(docs)), "amin")
@@ -158,10 +168,7 @@ class Chunked:
         index = docs if self.owner is None else self._cut_index[docs]
         lengths, inverse = self._cut_length_classes
         tokens = self._chunk_tokens(rank, lengths)[inverse]  # one rank's tokens per length, then per document
-        rows = torch.cat([tokens.new_zeros(1), tokens.cumsum(0)])[index]
-        if self.owner is not None:  # and the whole documents before them
-            rows += self._whole_before[rank, index]
-        return rows
+        return torch.cat([tokens.new_zeros(1), tokens.cumsum(0)])[index]  # cut documents come first
 
     def num_tokens(self) -> tuple[int, ...]:
         counts = Counter(self.cu[d + 1] - self.cu[d] for d in self._cut)
@@ -170,7 +177,10 @@ class Chunked:
             lengths, times = (torch.tensor(x, dtype=torch.int64) for x in zip(*counts.items()))
             per_rank = (self._chunk_tokens(torch.arange(self.world)[:, None], lengths[None]) * times).sum(1).tolist()
         if self.owner is not None:
-            per_rank = [x + y for x, y in zip(per_rank, self._whole_before[:, -1].tolist())]
+            lengths, owner = self._tensors
+            whole = owner != CUT
+            per_rank = [x + y for x, y in zip(per_rank, torch.zeros(self.world, dtype=torch.int64).index_add_(
+                0, owner[whole], lengths[whole]).tolist())]
         return tuple(per_rank)
 
     def _chunk_tokens(self, rank, lengths: torch.Tensor) -> torch.Tensor:
@@ -206,17 +216,6 @@ class Chunked:
         tokens of every cut document are worked out per length (there are far fewer lengths than documents)."""
         lengths, owner = self._tensors
         return torch.unique(lengths[owner == CUT], return_inverse=True)
-
-    @functools.cached_property
-    def _whole_before(self) -> torch.Tensor:
-        """``[rank, j]``: tokens of the rank's whole documents before cut document ``j`` (``j = k``: all of them)."""
-        lengths, owner = self._tensors
-        whole = (owner != CUT).nonzero().flatten()
-        k = len(self._cut)
-        before = torch.searchsorted(torch.tensor(self._cut, dtype=torch.int64), whole)  # cut documents before each
-        table = torch.zeros(self.world * (k + 1), dtype=torch.int64)
-        table.index_add_(0, owner[whole] * (k + 1) + before, lengths[whole])
-        return table.view(self.world, k + 1).cumsum(1)
 
 
 class Contiguous:

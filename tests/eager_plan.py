@@ -78,16 +78,16 @@ def balanced(cu: tuple[int, ...], world: int, causal: bool, window: tuple[int, i
         k = k + 1 if k < 2 * world else min(len(docs), k * 2)
     _, k, owner = best
     cut = set(docs[:k])
-    runs: Runs = [[] for _ in range(world)]
+    # a rank's cut documents first, then its whole ones, each in global order
+    cut_runs: Runs = [[] for _ in range(world)]
+    whole_runs: Runs = [[] for _ in range(world)]
     for d, n in enumerate(lengths):
         if d in cut:
             for r in range(world):
-                runs[r].extend(_zigzag_chunks(cu[d], n, world, r))
+                cut_runs[r].extend(_zigzag_chunks(cu[d], n, world, r))
         elif n:
-            runs[owner[d]].append((cu[d], n))
-    for r in range(world):
-        runs[r].sort()
-    return runs
+            whole_runs[owner[d]].append((cu[d], n))
+    return [sorted(c) + w for c, w in zip(cut_runs, whole_runs)]
 
 
 def _assign(docs, k, lengths, whole_cost, world, causal, window, cost):
