@@ -148,21 +148,24 @@ def issue_and_syncs(r: Runner, run) -> str:
             + (f" ({syncs})" if syncs else ""))
 
 
-def profile(r: Runner, tokens_per_rank: int, world: int, backend_name: str, mix: str = "one doc") -> str:
-    """torch.profiler's op table (by device time) of ``mix``'s whole batch and of each rank, fwd+bwd."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
+def profiled_runs(r: Runner, tokens_per_rank: int, world: int, backend_name: str, mix: str) -> list:
+    """``(what, run)`` for ``mix``'s whole batch on one rank, then each rank of the ``world``-rank plan, fwd+bwd."""
     cu = lengths_to_cu_seqlens(mix_lengths(mix, tokens_per_rank * world))
-    plan = make_plan(cu, world)
     backend = select_backend(backend_name, r.spec())
     q, k, v = r.qkv(int(cu[-1]), False)
     dout = torch.randn(q.shape, device=r.device, dtype=r.dtype, generator=r.gen)
     scale = 1.0 / math.sqrt(r.cfg.shape.head_dim)
     whole = rank_runs(make_plan(cu, 1, strategy="contiguous"), q, k, v, dout, backend, scale, True)
-    runs = [("whole batch, one rank", whole[0])]
-    runs += [(f"rank {i} of {world}", run) for i, run in enumerate(rank_runs(plan, q, k, v, dout, backend, scale,
-                                                                             True))]
+    ranks = rank_runs(make_plan(cu, world), q, k, v, dout, backend, scale, True)
+    return [("whole batch, one rank", whole[0])] + [(f"rank {i} of {world}", run) for i, run in enumerate(ranks)]
+
+
+def profile(r: Runner, tokens_per_rank: int, world: int, backend_name: str, mix: str = "one doc") -> str:
+    """torch.profiler's op table (by device time) of ``mix``'s whole batch and of each rank, fwd+bwd."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    runs = profiled_runs(r, tokens_per_rank, world, backend_name, mix)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if r.device.type == "cuda" else [])
     parts = []
     for what, run in runs:
@@ -187,16 +190,8 @@ def host_profile(r: Runner, tokens_per_rank: int, world: int, backend_name: str,
     import io
     import pstats
 
-    cu = lengths_to_cu_seqlens(mix_lengths(mix, tokens_per_rank * world))
-    backend = select_backend(backend_name, r.spec())
-    q, k, v = r.qkv(int(cu[-1]), False)
-    dout = torch.randn(q.shape, device=r.device, dtype=r.dtype, generator=r.gen)
-    scale = 1.0 / math.sqrt(r.cfg.shape.head_dim)
-    runs = [("whole batch, one rank", rank_runs(make_plan(cu, 1, strategy="contiguous"), q, k, v, dout, backend,
-                                                scale, True)[0]),
-            (f"rank 0 of {world}", rank_runs(make_plan(cu, world), q, k, v, dout, backend, scale, True)[0])]
     parts = []
-    for what, run in runs:
+    for what, run in profiled_runs(r, tokens_per_rank, world, backend_name, mix)[:2]:
         for _ in range(3):
             run()
         r.sync()
